@@ -1,0 +1,96 @@
+"""Frozen, keyword-only configuration of the server and the client.
+
+Every field is validated in ``__post_init__``; a bad value raises ``ConfigError`` naming the field and
+the flag that sets it. Defaults come from ``zmqdisagg.envs`` where an environment variable exists.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from zmqdisagg import envs
+from zmqdisagg.errors import ConfigError
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_address(address: str, field_name: str) -> str:
+    """Accept ``tcp://HOST:PORT`` (port may be ``*`` for bind) or ``ipc://PATH``."""
+    if address.startswith("ipc://") and len(address) > len("ipc://"):
+        return address
+    m = re.fullmatch(r"tcp://(\[[^\]]+\]|[^:/]+):(\d+|\*)", address)
+    if not m:
+        raise ConfigError(f"{field_name}={address!r} is not tcp://HOST:PORT or ipc:///path/to/socket")
+    return address
+
+
+def is_loopback(address: str) -> bool:
+    """True for ipc:// and for tcp:// on a loopback host."""
+    if address.startswith("ipc://"):
+        return True
+    host = urlsplit(address.replace("tcp://", "http://", 1)).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServeConfig:
+    """Everything ``zmqdisagg-serve`` needs (``--flag`` names in the messages)."""
+
+    model: str  # --model: a local HF directory or a config file in configs/
+    bind: str = "tcp://127.0.0.1:5555"  # --bind
+    device: str = "cpu"  # --device
+    dtype: str = "float32"  # --dtype
+    seed: int = 0  # --seed: random init of config-built targets
+    transport: str | None = None  # --transport: force one transport for every connection
+    lease_s: float = field(default_factory=lambda: envs.ZMQDISAGG_LEASE_S)  # --lease-s
+    max_slots: int = field(default_factory=lambda: envs.ZMQDISAGG_MAX_SLOTS)  # --max-slots
+    max_tokens: int = 1 << 20  # --max-tokens: most tokens (B*S) in one request
+    max_request_bytes: int = 64 << 20  # largest request message accepted
+    transfer_timeout_s: float = field(default_factory=lambda: envs.ZMQDISAGG_TRANSFER_TIMEOUT_S)
+    insecure: bool = False  # --insecure: allow a non-loopback bind without authentication
+
+    def __post_init__(self) -> None:
+        check_address(self.bind, "--bind")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"--dtype={self.dtype!r} must be one of {_DTYPES}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"--device={self.device!r} must be cpu, cuda or cuda:N")
+        for name in ("lease_s", "transfer_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.max_slots < 1 or self.max_tokens < 1:
+            raise ConfigError("--max-slots and --max-tokens must be at least 1")
+        if not is_loopback(self.bind) and not self.insecure:
+            raise ConfigError(
+                f"--bind={self.bind} is not loopback; pass --insecure to serve unauthenticated "
+                "on a network interface")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClientConfig:
+    """How a ``RemoteTarget`` talks to its servers."""
+
+    device: str = "cpu"  # where delivered tensors must land
+    transport: str | None = field(default_factory=lambda: envs.ZMQDISAGG_TRANSPORT)  # force a transport
+    attempt_timeout_s: float = field(default_factory=lambda: envs.ZMQDISAGG_ATTEMPT_TIMEOUT_S)
+    request_timeout_s: float = field(default_factory=lambda: envs.ZMQDISAGG_REQUEST_TIMEOUT_S)
+    connect_timeout_s: float = 30.0  # handshake deadline per server
+    max_lanes: int = 8  # most requests in flight per server
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device={self.device!r} must be cpu, cuda or cuda:N")
+        if self.attempt_timeout_s <= 0 or self.request_timeout_s < self.attempt_timeout_s:
+            raise ConfigError(
+                f"attempt_timeout_s={self.attempt_timeout_s} must be positive and at most "
+                f"request_timeout_s={self.request_timeout_s}")
+        if self.max_lanes < 1:
+            raise ConfigError(f"max_lanes={self.max_lanes} must be at least 1")

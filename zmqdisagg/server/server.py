@@ -1,0 +1,172 @@
+"""``TargetServer``: one ROUTER socket, one thread, every client.
+
+The thread that owns the model is the only thread that touches the socket, the model and the
+transports, so nothing needs a lock and no two threads ever issue collectives. Requests from many
+clients and lanes queue in the ROUTER and are served in arrival order.
+
+Per message: check size -> decode header -> apply piggybacked releases -> refresh the lease ->
+replay the cached reply if this is a retry -> run the handler -> send the reply -> start the
+transfer (communicator transports). Any exception becomes a typed ``error`` reply to that client only.
+Between messages the loop reaps expired leases and transfers past their deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from zmqdisagg import transports
+from zmqdisagg.config import ServeConfig
+from zmqdisagg.errors import BadRequest, ProtocolMismatch, ZmqDisaggError
+from zmqdisagg.protocol import codec
+from zmqdisagg.protocol import messages as m
+from zmqdisagg.protocol.messages import Header
+from zmqdisagg.server.connection import PendingWork
+from zmqdisagg.server.handlers import HANDLERS, ServerState
+from zmqdisagg.topology import local_identity
+from zmqdisagg.transports.shm import sweep_stale
+
+logger = logging.getLogger(__name__)
+
+POLL_MS = 100  # how often the loop wakes to reap leases and check the stop flag
+
+
+class TargetServer:
+    """Serve ``model`` on ``config.bind`` until ``stop()`` is called (from any thread or a signal)."""
+
+    def __init__(self, model: Any, config: ServeConfig) -> None:
+        self.config = config
+        removed = sweep_stale()
+        if removed:
+            logger.info("removed %d shared-memory segments left by dead servers", removed)
+        offered = transports.available()
+        self.state = ServerState(model=model, config=config,
+                                 identity=local_identity(config.device, offered))
+        self._stop = threading.Event()
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 4 * config.max_request_bytes)
+        self._sock.bind(config.bind)
+        self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.offered = offered
+        self._closed = False
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current message and return (safe from signal handlers)."""
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        """Run the loop until ``stop()``; the caller closes the server afterwards."""
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        next_reap = 0.0
+        while not self._stop.is_set():
+            if poller.poll(POLL_MS):
+                self._serve_one(self._sock.recv_multipart(copy=False))
+            now = time.monotonic()
+            if now >= next_reap:
+                self._reap(now)
+                next_reap = now + 0.2
+
+    def _serve_one(self, parts: list[zmq.Frame]) -> None:
+        try:
+            split = next(i for i, p in enumerate(parts) if len(p) == 0)
+        except StopIteration:
+            logger.warning("dropping a message without a REQ envelope")
+            return
+        envelope = [p.bytes for p in parts[:split + 1]]
+        header_frame, frames = parts[split + 1] if len(parts) > split + 1 else None, parts[split + 2:]
+        header = Header(op=m.ERROR)
+        try:
+            if header_frame is None:
+                raise ProtocolMismatch("message has no header frame")
+            size = sum(len(p) for p in parts[split + 1:])
+            if size > self.config.max_request_bytes:
+                raise BadRequest(f"request of {size} bytes is over the {self.config.max_request_bytes}-byte limit")
+            header = codec.decode(header_frame.buffer)
+            self._reply(envelope, header, frames)
+        except Exception as e:
+            self._send_error(envelope, header, e)
+
+    def _reply(self, envelope: list[bytes], header: Header, frames: list) -> None:
+        if header.op not in m.REQUEST_OPS:
+            raise BadRequest(f"unknown op {header.op!r}; expected one of {sorted(m.REQUEST_OPS)}")
+        state = self.state
+        state.counters["requests"] += 1
+        conn = state.connections.get(header.client_id)
+        if conn is not None:
+            conn.touch()
+            conn.release(header.releases)
+            cached = conn.cached(header) if header.op in m.DATA_OPS else None
+            if cached is not None:
+                state.counters["retries"] += 1
+                logger.info("client %s retried request %d; replaying its reply", header.client_id,
+                            header.request_id)
+                self._send(envelope, cached.header, cached.delivery, conn, start=False)
+                return
+        reply, delivery = HANDLERS[header.op](state, header, frames)
+        conn = state.connections.get(header.client_id)
+        if conn is not None and header.op in m.DATA_OPS:
+            conn.remember(header, reply, delivery)
+        self._send(envelope, reply, delivery, conn, start=True)
+
+    def _send(self, envelope: list[bytes], reply: Header, delivery: Any, conn: Any, start: bool) -> None:
+        frames = delivery.frames if delivery is not None else []
+        try:
+            codec.send(self._sock, reply, frames, envelope=envelope)
+        except zmq.ZMQError as e:  # the client's socket is gone (EHOSTUNREACH); its lease will expire
+            logger.info("could not reply to client %s: %s", reply.client_id, e)
+            return
+        if start and delivery is not None and delivery.start is not None and conn is not None:
+            deadline = time.monotonic() + self.config.transfer_timeout_s
+            conn.pending.append(PendingWork(work=delivery.start(), deadline=deadline))
+
+    def _send_error(self, envelope: list[bytes], header: Header, e: Exception) -> None:
+        self.state.counters["errors"] += 1
+        if isinstance(e, ZmqDisaggError):
+            code, message = e.code, str(e)
+            logger.info("request %s from %s refused: %s: %s", header.op, header.client_id, code, message)
+        else:
+            code, message = "RemoteError", f"server failed on {header.op}: {type(e).__name__}: {e}"
+            logger.exception("request %s from %s failed", header.op, header.client_id)
+        try:
+            codec.send(self._sock, header.error(code, message), envelope=envelope)
+        except zmq.ZMQError as err:
+            logger.info("could not send error to client %s: %s", header.client_id, err)
+
+    def _reap(self, now: float) -> None:
+        for cid, conn in list(self.state.connections.items()):
+            if conn.expired(now):
+                self.state.drop(cid, f"lease of {conn.lease_s}s expired")
+                continue
+            problem = conn.poll_pending(now)
+            if problem:
+                self.state.drop(cid, problem)
+
+    def close(self) -> None:
+        """Free every connection's resources, the socket and an ipc:// socket file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for cid in list(self.state.connections):
+            self.state.drop(cid, "server shutting down")
+        self._sock.close(linger=0)
+        self._ctx.term()
+        if self.address.startswith("ipc://"):
+            try:
+                os.unlink(self.address[len("ipc://"):])
+            except OSError:
+                pass
+
+    def __enter__(self) -> "TargetServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

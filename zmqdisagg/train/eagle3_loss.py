@@ -1,0 +1,94 @@
+"""The EAGLE3 objective: align the target's outputs with the draft's positions, unroll TTT, score it.
+
+Target outputs are not shifted: target position ``p`` has read tokens ``x_0..x_p`` and its distribution
+``P_p`` predicts ``x_{p+1}``. The draft at TTT step ``i``, position ``t``:
+
+    reads    fc(aux_t) (step 0) or its own step i-1 output at t,  and embed(x_{t+i+1})
+    predicts x_{t+i+2}, supervised by P_{t+i+1} over the draft vocab
+    counts   iff position_mask_{t+i+1} (target argmax is in the draft vocab) and loss_mask_{t+i+2}
+
+``teacher_inputs`` builds the step-0 alignment (``ids[t] = x_{t+1}``, ``target_p[t] = P_{t+1}``,
+``valid[t]``); step ``i`` reads them shifted left by ``i`` more (zeros past the end, never counted).
+
+Loss. With ``q`` the draft's softmax over the draft vocab and ``N`` the number of loss-mask tokens in
+the *global* batch (all ranks, all micro-batches; known from the data alone, no collective needed)::
+
+    loss_i = sum_{b,t} valid_i * ( -sum_v P[v] * log q[v] ) / N
+    loss   = sum_i step_decay**i * loss_i
+    acc_i  = sum valid_i * [argmax q == argmax P] / sum valid_i
+
+Because every micro-batch divides by the same ``N``, summing micro-batch gradients (by accumulation in
+one process or by a summing all-reduce across ranks) gives the gradient of the global batch's loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zmqdisagg.train.eagle3_draft import Eagle3Draft
+
+
+def shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``y[:, t] = x[:, t + n]``, zero (False) where ``t + n`` is past the end."""
+    n = min(n, x.shape[1])
+    return x if n == 0 else torch.cat([x[:, n:], torch.zeros_like(x[:, :n])], dim=1)
+
+
+def teacher_probs(outputs: dict[str, torch.Tensor], lm_head_rows: torch.Tensor | None) -> torch.Tensor:
+    """``P`` over the draft vocab, fp32 ``[B,S,Vd]``: shipped by the server, or from the last hidden."""
+    if "target_p" in outputs:
+        return outputs["target_p"].float()
+    hidden = outputs["last_hidden"]  # final norm already applied
+    logits = hidden.float() @ lm_head_rows.to(hidden.device).float().t()
+    return logits.softmax(dim=-1)
+
+
+def teacher_inputs(batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+                   lm_head_rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Step-0 aligned draft inputs and targets for one micro-batch (see the module docstring)."""
+    device = outputs["aux_hidden"].device
+    loss_mask = batch["loss_mask"].to(device).bool()
+    position_mask = outputs["position_mask"].to(device).bool()
+    return {
+        "input_ids": shift_left(batch["input_ids"].to(device), 1),
+        "aux_hidden": outputs["aux_hidden"],
+        "target_p": shift_left(teacher_probs(outputs, lm_head_rows), 1),
+        "valid": shift_left(position_mask, 1) & shift_left(loss_mask, 2),
+    }
+
+
+class Eagle3Objective(nn.Module):
+    """Wraps the draft so one ``forward`` is the whole TTT unroll (what DDP wraps and syncs)."""
+
+    def __init__(self, draft: Eagle3Draft, ttt_length: int, step_decay: float) -> None:
+        super().__init__()
+        self.draft = draft
+        self.ttt_length = ttt_length
+        self.step_decay = step_decay
+
+    def forward(self, input_ids: torch.Tensor, aux_hidden: torch.Tensor, target_p: torch.Tensor,
+                valid: torch.Tensor, denom: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the weighted loss and ``stats [ttt_length, 3]`` = (loss_i, correct_i, count_i) sums."""
+        hidden = self.draft.fc(aux_hidden.to(self.draft.fc.weight.dtype))
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        total = hidden.new_zeros((), dtype=torch.float32)
+        stats = []
+        for i in range(self.ttt_length):
+            hidden = self.draft.step(shift_left(input_ids, i), hidden, positions + i, cache)
+            loss_i, stat = self._score(self.draft.logits(hidden), shift_left(target_p, i), shift_left(valid, i))
+            total = total + (self.step_decay ** i) * loss_i / denom
+            stats.append(stat)
+        return total, torch.stack(stats)
+
+    @staticmethod
+    def _score(logits: torch.Tensor, target_p: torch.Tensor, valid: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        logq = F.log_softmax(logits.float(), dim=-1)
+        ce = -(target_p * logq).sum(-1)  # [B, S]
+        w = valid.float()
+        loss_sum = (ce * w).sum()
+        correct = ((logits.argmax(-1) == target_p.argmax(-1)).float() * w).sum()
+        return loss_sum, torch.stack([loss_sum.detach(), correct, w.sum()]).double()

@@ -1,0 +1,261 @@
+"""``Trainer``: the EAGLE3 training loop, the same whether the target is local or remote.
+
+One optimizer step ``s``:
+
+    global batch(s) --shard--> this rank's micro-batches --Prefetcher--> target.eagle3 (local or remote)
+        for each micro-batch: teacher_inputs -> Eagle3Objective (TTT unroll) -> backward (DDP no_sync but last)
+    clip -> AdamW(lr_at(s)) -> all-reduced metrics -> metrics.jsonl / TensorBoard / tqdm
+
+Steps run in *segments* that end at every eval, checkpoint and the last step; a segment is one
+``Prefetcher.run``, so no target request is ever in flight across those boundaries.
+
+Guarantees:
+  * the losses depend only on the config, the data and the target's outputs: not on where the target
+    runs, how many servers there are, the prefetch depth, or whether the run was resumed (the batch of
+    step ``s`` is a function of ``(seed, s)``, the learning rate a function of ``s``, and the checkpoint
+    restores weights, optimizer and RNG bit for bit);
+  * with W ranks the global batch means what it means in one process (see ``distributed.py``);
+  * ``close()`` is idempotent and releases the target, spawned servers, metrics files and the group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from zmqdisagg.target.build import load_tokenizer
+from zmqdisagg.target.types import TargetBatch, TargetSettings
+from zmqdisagg.train import checkpoint, distributed
+from zmqdisagg.train.batching import BatchPlan, collate, eval_micro_batches, split_indices
+from zmqdisagg.train.config import TrainConfig
+from zmqdisagg.train.data import load_dataset
+from zmqdisagg.train.demo_data import write_demo_jsonl
+from zmqdisagg.train.eagle3_draft import DraftConfig, Eagle3Draft
+from zmqdisagg.train.eagle3_loss import Eagle3Objective, teacher_inputs
+from zmqdisagg.train.export import export_draft
+from zmqdisagg.train.metrics import MetricsLog
+from zmqdisagg.train.optim import build_optimizer, clip_grad, lr_at, set_lr
+from zmqdisagg.train.prefetch import Prefetcher
+from zmqdisagg.train.target_setup import open_target
+from zmqdisagg.train.vocab import load_vocab_mapping
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+
+
+class Trainer:
+    """Build with a ``TrainConfig``, call ``run()``, always ``close()``."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self._stack = contextlib.ExitStack()
+        self._closed = False
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.dist = distributed.init_distributed(device_type)
+        self._stack.callback(distributed.close, self.dist)
+        self.device = pick_device(cfg, self.dist.local_rank)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction ------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        self.micro_size = cfg.micro_batch_size(dist.world_size)
+        self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._load_data()
+        self.target = open_target(cfg, self.device, self._stack)
+        self.info = self.target.info()
+        self.vocab = self._rank0_first(lambda: load_vocab_mapping(
+            self.ds, self.train_idx, self.info.vocab_size, cfg.draft_vocab_size, cfg.resolved_cache_dir,
+            self.data_key))
+        self.settings = self.target.configure(
+            TargetSettings(aux_layer_ids=cfg.aux_layer_ids, teacher=cfg.teacher), self.vocab.t2d)
+        self._build_draft()
+        self.prefetcher = Prefetcher(self.target, "eagle3", cfg.prefetch_depth)
+        self._stack.callback(self.prefetcher.close)
+        self.start_step = self._maybe_resume()
+        self.metrics = MetricsLog(cfg.output_dir, enabled=dist.is_main, total_steps=cfg.max_steps,
+                                  start_step=self.start_step, tensorboard=cfg.tensorboard, progress=cfg.progress)
+        self._stack.callback(self.metrics.close)
+
+    def _rank0_first(self, fn: Any) -> Any:
+        """Run ``fn`` on rank 0, then on the others (which then hit rank 0's cache)."""
+        if self.dist.is_main:
+            out = fn()
+        distributed.barrier(self.dist)
+        return out if self.dist.is_main else fn()
+
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        if cfg.demo_samples and self.dist.is_main and not Path(cfg.data_path).exists():
+            write_demo_jsonl(cfg.data_path, cfg.demo_samples, cfg.demo_seed)
+        self.ds, self.data_key = self._rank0_first(
+            lambda: load_dataset(cfg.data_path, self.tokenizer, cfg.max_length, cfg.resolved_cache_dir))
+        self.train_idx, self.eval_idx = (split_indices(len(self.ds), cfg.eval_samples, cfg.seed)
+                                         if cfg.eval_samples else (list(range(len(self.ds))), []))
+        self.plan = BatchPlan(indices=tuple(self.train_idx), batch_size=cfg.batch_size, seed=cfg.seed)
+        logger.info("data: %d train / %d eval sequences, %d steps per epoch", len(self.train_idx),
+                    len(self.eval_idx), self.plan.steps_per_epoch)
+
+    def _build_draft(self) -> None:
+        cfg, info = self.cfg, self.info
+        head_dim = cfg.head_dim or info.hidden_size // cfg.num_heads
+        self.draft_cfg = DraftConfig(
+            hidden_size=info.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            head_dim=head_dim, intermediate_size=cfg.intermediate_size or 4 * info.hidden_size,
+            vocab_size=info.vocab_size, draft_vocab_size=cfg.draft_vocab_size,
+            aux_layer_ids=tuple(self.settings.aux_layer_ids), rms_norm_eps=cfg.rms_norm_eps,
+            rope_theta=cfg.rope_theta, max_positions=info.max_positions)
+        head = self.target.head_weights()
+        torch.manual_seed(cfg.seed)
+        self.draft = Eagle3Draft(self.draft_cfg).to(self.device)
+        self.draft.load_target_embedding(head["embed_tokens"].to(self.device, torch.float32))
+        self.draft.load_vocab(self.vocab.d2t, self.vocab.t2d)
+        self.lm_head_rows = head["lm_head"][self.vocab.t2d.to(head["lm_head"].device)].to(self.device)
+        self.objective = Eagle3Objective(self.draft, cfg.ttt_length, cfg.step_decay)
+        self.model = distributed.wrap(self.objective, self.dist)
+        self.optimizer = build_optimizer(self.draft.parameters(), cfg)
+
+    def _maybe_resume(self) -> int:
+        if not self.cfg.resume:
+            return 0
+        path = checkpoint.latest(self.cfg.output_dir)
+        if path is None:
+            logger.warning("--resume: no checkpoint under %s; starting from step 0", self.cfg.output_dir)
+            return 0
+        return checkpoint.load(path, draft=self.draft, optimizer=self.optimizer)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train to ``max_steps``; return the last train record (and eval record, if any)."""
+        cfg, step = self.cfg, self.start_step
+        summary: dict[str, Any] = {}
+        while step < cfg.max_steps:
+            end = self._next_boundary(step)
+            summary["train"] = self._train_segment(step, end) or summary.get("train")
+            step = end
+            if self.eval_idx and (step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                summary["eval"] = self.evaluate(step)
+            if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
+                self._save(step)
+        if cfg.export and self.dist.is_main:
+            summary["export"] = str(export_draft(self.draft, self.draft_cfg, Path(cfg.output_dir) / "export"))
+        return summary
+
+    def _next_boundary(self, step: int) -> int:
+        cfg = self.cfg
+        ends = [cfg.max_steps] + [(step // n + 1) * n for n in (cfg.eval_every, cfg.save_every) if n]
+        return min(ends)
+
+    def _requests(self, steps: range, queue: deque) -> Iterator[TargetBatch]:
+        """This rank's micro-batches of ``steps`` as target requests; the collated batches go to ``queue``."""
+        for s in steps:
+            for indices in self.plan.rank_micro_batches(s, self.dist.rank, self.dist.world_size,
+                                                        self.cfg.micro_batches):
+                batch = collate(self.ds, indices, self.pad_id)
+                queue.append(batch)
+                yield TargetBatch(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    def _train_segment(self, start: int, end: int) -> dict[str, Any] | None:
+        queue: deque = deque()
+        results = self.prefetcher.run(self._requests(range(start, end), queue))
+        record = None
+        try:
+            for step in range(start, end):
+                record = self._train_step(step, results, queue)
+                self.metrics.write(record)
+        finally:
+            results.close()
+        return record
+
+    def _train_step(self, step: int, results: Iterator, queue: deque) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        tokens, denom = self.ds.token_counts(self.plan.global_batch(step))
+        sums = torch.zeros(2 + 3 * cfg.ttt_length, dtype=torch.float64, device=self.device)
+        wait = 0.0
+        for m in range(cfg.micro_batches):
+            outputs, waited = next(results)
+            wait += waited
+            sync = m == cfg.micro_batches - 1
+            with self._no_sync(not sync):
+                loss, stats = self._forward(queue.popleft(), outputs, max(denom, 1))
+                loss.backward()
+            sums[0] += loss.detach().double()
+            sums[2:] += stats.flatten()
+        grad_norm = clip_grad(self.draft.parameters(), cfg.grad_clip)
+        set_lr(self.optimizer, lr_at(step, cfg))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums[1] = wait
+        distributed.all_reduce_sum(sums, self.dist)
+        elapsed = time.perf_counter() - t0
+        record = {"kind": "train", "step": step + 1, "lr": lr_at(step, cfg), "grad_norm": grad_norm,
+                  **self._step_metrics(sums, denom),
+                  "target_wait_ms": 1000 * float(sums[1]) / self.dist.world_size,
+                  "train_ms": 1000 * (elapsed - wait), "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        return record
+
+    def _forward(self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+                 denom: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = teacher_inputs(batch, outputs, self.lm_head_rows)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.model(inputs["input_ids"], inputs["aux_hidden"], inputs["target_p"], inputs["valid"],
+                              float(denom))
+
+    def _no_sync(self, skip: bool) -> Any:
+        return self.model.no_sync() if skip and self.dist.world_size > 1 else contextlib.nullcontext()
+
+    def _step_metrics(self, sums: torch.Tensor, denom: int) -> dict[str, float]:
+        stats = sums[2:].view(self.cfg.ttt_length, 3).tolist()
+        out = {"loss": float(sums[0])}
+        for i, (loss_sum, correct, count) in enumerate(stats):
+            out[f"loss_{i}"] = loss_sum / max(denom, 1)
+            out[f"acc_{i}"] = correct / max(count, 1.0)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Loss and accuracies on the held-out split (every rank scores its share)."""
+        cfg = self.cfg
+        batches = eval_micro_batches(self.eval_idx, self.micro_size, self.dist.rank, self.dist.world_size)
+        collated = [collate(self.ds, b, self.pad_id) for b in batches]
+        requests = (TargetBatch(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in collated)
+        denom = max(self.ds.token_counts(self.eval_idx)[1], 1)
+        sums = torch.zeros(2 + 3 * cfg.ttt_length, dtype=torch.float64, device=self.device)
+        for batch, (outputs, _) in zip(collated, self.prefetcher.run(requests)):
+            loss, stats = self._forward(batch, outputs, denom)
+            sums[0] += loss.double()
+            sums[2:] += stats.flatten()
+        distributed.all_reduce_sum(sums, self.dist)
+        record = {"kind": "eval", "step": step, **self._step_metrics(sums, denom)}
+        self.metrics.write(record)
+        return record
+
+    def _save(self, step: int) -> None:
+        if self.dist.is_main:
+            checkpoint.save(self.cfg.output_dir, step, draft=self.draft, optimizer=self.optimizer,
+                            config=self.cfg.to_dict())
+        distributed.barrier(self.dist)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stack.close()
