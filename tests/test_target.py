@@ -104,6 +104,15 @@ def test_dflash_matches_hf_and_stops_early(target):
     assert torch.equal(out["hidden"], torch.cat([ref.hidden_states[i + 1] for i in ids], -1))
     default = target.compute("dflash", batch, TargetSettings(), None)["hidden"]
     assert torch.equal(default, ref.hidden_states[default_dflash_layers(n)[0] + 1])
+    calls: list[int] = []
+    hook = target.model.get_decoder().layers[n - 1].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        target.compute("dflash", batch, TargetSettings(dflash_layer_ids=(1,)), None)
+        assert calls == []  # layers after the deepest requested one never ran
+        target.compute("eagle3", batch, TargetSettings(), None)
+        assert calls == [1]
+    finally:
+        hook.remove()
 
 
 def test_padding_does_not_change_real_positions(target):

@@ -63,8 +63,8 @@ class UnknownClient(ProtocolMismatch):
     code = "UnknownClient"
 
 
-class NoServerAvailable(ZmqDisaggError):
-    """Every configured target server has failed; training cannot continue."""
+class NoServerAvailable(PeerTimeout):
+    """Every configured target server has failed (a ``PeerTimeout`` for the last one); training cannot continue."""
 
     code = "NoServerAvailable"
 

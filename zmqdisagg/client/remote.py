@@ -88,12 +88,17 @@ class RemoteTarget:
 
     def _route(self, call: Any) -> Any:
         tried: set[str] = set()
+        last: BaseException | None = None
         while True:
-            server = self._pick(tried)
+            try:
+                server = self._pick(tried)
+            except NoServerAvailable as e:
+                raise e from last
             tried.add(server.address)
             try:
                 return call(server)
             except (PeerTimeout, zmq.ZMQError) as e:
+                last = e
                 with self._lock:
                     self._dead[server.address] = str(e)
                 logger.warning("server %s failed (%s); sending its work to the remaining servers",

@@ -83,7 +83,7 @@ class TargetModel:
 
     @property
     def model(self) -> Any:
-        """The wrapped Hugging Face model (e.g. to ``save_pretrained`` it); do not call it concurrently."""
+        """The wrapped Hugging Face ``*ForCausalLM`` (e.g. to ``save_pretrained`` it or compare against it)."""
         return self._live()
 
     # ---- the Target protocol -------------------------------------------------------------------
@@ -198,7 +198,7 @@ class TargetModel:
             capture = self._capture.get()
             if capture is None or index not in capture.want:
                 return
-            capture.out[index] = self._decoder.norm(output) if index == len(self._decoder.layers) - 1 else output  # residual after layer
+            capture.out[index] = output[0] if isinstance(output, tuple) else output  # residual after layer
             if index == capture.stop_after:
                 raise _StopForward
         return hook

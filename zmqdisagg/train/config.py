@@ -26,6 +26,8 @@ from zmqdisagg.target.types import TEACHER_MODES
 TARGET_KINDS = ("local", "remote")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
+EXPORT_ENGINES = ("sglang", "vllm")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -81,6 +83,8 @@ class TrainConfig:
     save_every: int = 0  # steps; 0 = only at the end
     resume: bool = False
     export: bool = True  # write <output_dir>/export (SGLang/vLLM EAGLE3 draft) at the end
+    export_engine: str = "sglang"  # sglang or vllm: how aux layer ids are numbered (see export.py)
+    export_dtype: str = "bfloat16"
     device: str = "auto"
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
     tensorboard: bool = True
@@ -104,7 +108,8 @@ class TrainConfig:
 
     def _check_choices(self) -> None:
         for name, choices in (("target", TARGET_KINDS), ("device", DEVICES), ("target_dtype", DTYPES),
-                              ("teacher", TEACHER_MODES)):
+                              ("teacher", TEACHER_MODES), ("export_engine", EXPORT_ENGINES),
+                              ("export_dtype", EXPORT_DTYPES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {choices}")
 

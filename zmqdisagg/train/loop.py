@@ -155,7 +155,8 @@ class Trainer:
             if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
                 self._save(step)
         if cfg.export and self.dist.is_main:
-            summary["export"] = str(export_draft(self.draft, self.draft_cfg, Path(cfg.output_dir) / "export"))
+            summary["export"] = str(export_draft(self.draft, self.draft_cfg, Path(cfg.output_dir) / "export",
+                                                 dtype=cfg.export_dtype, engine=cfg.export_engine))
         return summary
 
     def _next_boundary(self, step: int) -> int:
@@ -212,11 +213,11 @@ class Trainer:
                   "train_ms": 1000 * (elapsed - wait), "tokens_per_s": tokens / max(elapsed, 1e-9)}
         return record
 
-    def _forward(self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
-                 denom: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], denom: int,
+                 model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = teacher_inputs(batch, outputs, self.lm_head_rows)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return self.model(inputs["input_ids"], inputs["aux_hidden"], inputs["target_p"], inputs["valid"],
+            return (model or self.model)(inputs["input_ids"], inputs["aux_hidden"], inputs["target_p"], inputs["valid"],
                               float(denom))
 
     def _no_sync(self, skip: bool) -> Any:
@@ -240,7 +241,7 @@ class Trainer:
         denom = max(self.ds.token_counts(self.eval_idx)[1], 1)
         sums = torch.zeros(2 + 3 * cfg.ttt_length, dtype=torch.float64, device=self.device)
         for batch, (outputs, _) in zip(collated, self.prefetcher.run(requests)):
-            loss, stats = self._forward(batch, outputs, denom)
+            loss, stats = self._forward(batch, outputs, denom, self.objective)
             sums[0] += loss.double()
             sums[2:] += stats.flatten()
         distributed.all_reduce_sum(sums, self.dist)

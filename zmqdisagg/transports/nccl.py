@@ -1,0 +1,495 @@
+"""``nccl``: a private 2-rank communicator per connection; gloo when the tensors are on the CPU.
+
+Guarantees:
+
+* **Private.** Each connection builds its own communicator: NCCL from a unique id that travels in the
+  hello reply (cupy's ``NcclCommunicator``), or gloo from a ``TCPStore`` that this transport owns on a
+  free port. No default process group is created or touched, so the trainer's DP groups and the
+  server's TP groups never see us. The server is rank 0, the client rank 1.
+* **Never blocks the server thread.** Joining the communicator (which waits for the client) and the
+  first send (which sets up NCCL's P2P connection) run on a per-connection worker thread; once warm, a
+  send is only enqueued on the dedicated stream. ``put`` records an event on the caller's stream and
+  returns; ``Delivery.start`` posts the grouped send after the reply header is on the wire.
+* **One group per reply.** NCCL: one ``ncclSend`` per tensor inside one group, straight from the
+  server's tensors into the client's fresh outputs (no staging copy on either side). Gloo (one tensor
+  per send): the reply is packed into one buffer and the client returns views of the received buffer.
+* **Bounded.** Every transfer has a deadline (``ctx.transfer_timeout_s``). A watchdog thread polls the
+  transfers in flight (CUDA event, ``ncclCommGetAsyncError``, gloo work) and aborts the communicator on
+  an error or a missed deadline; the transfer then raises ``PeerTimeout`` or ``TransportUnavailable``
+  and every later call says the connection is gone, so the caller closes it and re-handshakes.
+  Never retry a reply whose transfer started: the two ranks would disagree on what comes next.
+
+NCCL settings that matter (read once per process, when the first communicator is built):
+``NCCL_P2P_DISABLE``/``NCCL_SHM_DISABLE`` force the network path; ``NCCL_IB_HCA``,
+``NCCL_SOCKET_IFNAME``, ``NCCL_IB_GID_INDEX`` (RoCE), ``NCCL_NET_GDR_LEVEL`` and
+``NCCL_NCHANNELS_PER_NET_PEER`` tune IB/RoCE; see ``docs/benchmarks/transfer.md``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import secrets
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from zmqdisagg.errors import PeerTimeout, ProtocolMismatch, TransportUnavailable
+from zmqdisagg.protocol.tensor_meta import TensorMeta, as_bytes, from_bytes, layout
+from zmqdisagg.transports.base import Delivery, TransportContext
+
+logger = logging.getLogger(__name__)
+
+SERVER_RANK, CLIENT_RANK = 0, 1
+WATCHDOG_PERIOD_S = 0.05
+
+
+class _Transfer:
+    """One reply's send or receive in flight; implements ``Work``.
+
+    ``is_completed`` raises the transfer's error once it failed, so a poller learns about failures.
+    """
+
+    __slots__ = ("_owner", "_posted", "_done", "_deadline", "_what", "_error", "_finished", "keep", "__weakref__")
+
+    def __init__(self, owner: "NcclTransport", posted: Future, what: str) -> None:
+        self._owner, self._posted, self._what = owner, posted, what
+        self._done: Callable[[], bool] | None = None  # set by the poster: link-level completion check
+        self._deadline = time.monotonic() + owner.ctx.transfer_timeout_s
+        self._error: BaseException | None = None
+        self._finished = False
+        self.keep: Any = None  # tensors that must stay alive until the bytes have moved
+
+    def is_completed(self) -> bool:
+        if self._finished:
+            return True
+        if self._error is not None:
+            raise self._error
+        try:
+            if self._posted.done():
+                self._posted.result()  # re-raises a posting error
+                if self._done is not None and self._done():
+                    self._finished, self.keep = True, None
+                    self._owner._warm = True
+                    return True
+        except Exception as e:  # the link reported an error: abort and remember
+            self._fail(TransportUnavailable(f"{self._what} failed: {e}; the connection was aborted, "
+                                            "close it and handshake again"))
+        if time.monotonic() > self._deadline:
+            self._fail(PeerTimeout(
+                f"{self._what} did not finish within {self._owner.ctx.transfer_timeout_s:g}s: the peer is "
+                "gone or not receiving; the communicator was aborted. Raise ZMQDISAGG_TRANSFER_TIMEOUT_S "
+                "if the link is just slow"))
+        return False
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until done (spinning briefly, then sleeping 0.2 ms between polls)."""
+        until = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        while not self.is_completed():
+            if until is not None and time.monotonic() > until:
+                raise PeerTimeout(f"{self._what} still running after {timeout:g}s")
+            if time.monotonic() - start > 0.002:
+                time.sleep(0.0002)
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+            self.keep = None
+            self._owner._abort(str(error))
+        raise self._error
+
+
+class NcclTransport:
+    """One side of one connection's communicator (NCCL for CUDA devices, gloo for the CPU)."""
+
+    name = "nccl"
+
+    def __init__(self, ctx: TransportContext) -> None:
+        self.ctx = ctx
+        self.device = torch.device(ctx.device)
+        self.backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.backend == "nccl" and (why := _nccl_missing()):
+            raise TransportUnavailable(f"nccl transport on {ctx.device}: {why}")
+        self._rank = SERVER_RANK if ctx.role == "server" else CLIENT_RANK
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"zmqdisagg-nccl-{ctx.connection_id[:12]}")
+        self._link: _GlooLink | _NcclLink | None = None
+        self._joined: Future | None = None
+        self._inflight: list[_Transfer] = []
+        self._lock = threading.Lock()
+        self._broken: str | None = None
+        self._warm = False  # after one completed transfer, posting no longer blocks (connections exist)
+        self._tag = 0  # gloo message tag, the same sequence on both ranks
+        self._watchdog: threading.Thread | None = None
+        self.closed = False
+
+    @staticmethod
+    def probe() -> str | None:
+        """The transport runs wherever gloo does; NCCL is checked when a CUDA connection is built."""
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_gloo_available():
+            return "torch.distributed with gloo is not available in this torch build"
+        return None
+
+    # -- handshake ---------------------------------------------------------------------------------
+    def offer(self) -> dict[str, Any]:
+        """Server: create the rendezvous and start joining it on the worker thread."""
+        self._require_role("server")
+        link = _NcclLink(self.device) if self.backend == "nccl" else _GlooLink(self.ctx)
+        offer = {"backend": self.backend, **link.rendezvous()}
+        self._link = link
+        self._joined = self._worker.submit(link.join, SERVER_RANK, offer)
+        return offer
+
+    def accept(self, offer: Mapping[str, Any]) -> None:
+        """Client: join the server's communicator, waiting at most ``transfer_timeout_s``."""
+        self._require_role("client")
+        backend = offer.get("backend")
+        if backend != self.backend:
+            raise TransportUnavailable(
+                f"server's nccl transport runs {backend} but this client's tensors are on {self.ctx.device}; "
+                "put both sides on GPU (NCCL) or both on CPU (gloo), or pick another transport")
+        self._link = _NcclLink(self.device) if backend == "nccl" else _GlooLink(self.ctx)
+        self._joined = self._worker.submit(self._link.join, CLIENT_RANK, dict(offer))
+        try:
+            self._joined.result(timeout=self.ctx.transfer_timeout_s)
+        except TimeoutError:
+            self._abort("join timed out")
+            raise PeerTimeout(f"could not join the server's {backend} communicator within "
+                              f"{self.ctx.transfer_timeout_s:g}s; is the server alive and reachable?") from None
+        except Exception as e:
+            raise TransportUnavailable(f"joining the server's {backend} communicator failed: {e}") from e
+
+    # -- server ------------------------------------------------------------------------------------
+    def put(self, tensors: Mapping[str, torch.Tensor]) -> Delivery:
+        self._require_role("server")
+        self._check_usable()
+        metas, _ = layout(dict(tensors))
+        srcs = [t.detach() for t in tensors.values()]
+        if self.backend == "gloo":
+            staged, tag = _pack_cpu(srcs, metas), self._next_tag()
+            return Delivery(note={"tag": tag}, metas=tuple(metas),
+                            start=lambda: self._start(lambda link: link.send([staged], tag), staged))
+        srcs = [t.contiguous() for t in srcs]
+        ready = _record(self.device)
+        return Delivery(note={}, metas=tuple(metas),
+                        start=lambda: self._start(lambda link: link.send(srcs, ready), srcs))
+
+    def _start(self, post: Callable[[Any], Callable[[], bool]], keep: Any) -> _Transfer:
+        self._check_usable()
+        nbytes = sum(t.numel() * t.element_size() for t in (keep if isinstance(keep, list) else [keep]))
+        return self._post(post, keep, f"{self.backend} send of {nbytes} bytes to {self.ctx.connection_id}")
+
+    def release(self, slot: int) -> None:
+        return None  # nothing is held between replies
+
+    # -- client ------------------------------------------------------------------------------------
+    def get(self, note: Mapping[str, Any], metas: Sequence[TensorMeta],
+            frames: Sequence[Any]) -> dict[str, torch.Tensor]:
+        self._require_role("client")
+        self._check_usable()
+        if self.backend == "gloo":
+            total = max((m.offset + m.nbytes for m in metas), default=0)
+            buf = torch.empty(total, dtype=torch.uint8)
+            if total:
+                try:
+                    tag = int(note["tag"])
+                except (KeyError, TypeError, ValueError):
+                    raise ProtocolMismatch(f"gloo delivery note {dict(note)!r} lacks an integer tag") from None
+                self._post(lambda link: link.recv([buf], tag), buf, f"gloo receive of {total} bytes").wait()
+            return {m.name: from_bytes(buf, m) for m in metas}
+        outs = [torch.empty(m.shape, dtype=m.torch_dtype, device=self.device) for m in metas]
+        ready = _record(self.device)
+        self._post(lambda link: link.recv(outs, ready), outs,
+                   f"nccl receive of {sum(m.nbytes for m in metas)} bytes").wait()
+        torch.cuda.current_stream(self.device).wait_stream(self._link.stream)  # order the caller after it
+        return {m.name: o for m, o in zip(metas, outs)}
+
+    # -- both --------------------------------------------------------------------------------------
+    def _post(self, post: Callable[[Any], Callable[[], bool]], keep: Any, what: str) -> _Transfer:
+        link, joined = self._link, self._joined
+        if link is None or joined is None:
+            raise TransportUnavailable("nccl transport used before offer/accept")
+
+        def run() -> None:
+            joined.result()  # the communicator must exist first (server: the client has joined)
+            transfer._done = post(link)
+
+        transfer = _Transfer(self, Future(), what)
+        transfer.keep = keep
+        if self._warm and self.backend == "nccl" and joined.done():
+            _run_into(transfer._posted, run)  # enqueue only: returns at once
+        else:
+            transfer._posted = self._worker.submit(run)
+        with self._lock:
+            self._inflight.append(transfer)
+        self._ensure_watchdog()
+        return transfer
+
+    def _next_tag(self) -> int:
+        self._tag += 1
+        return self._tag
+
+    def _ensure_watchdog(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                              name=f"zmqdisagg-nccl-watchdog-{self.ctx.connection_id[:12]}")
+            self._watchdog.start()
+
+    def _watch(self) -> None:
+        while not self.closed:
+            with self._lock:
+                live = list(self._inflight)
+            done = []
+            for t in live:
+                try:
+                    if t.is_completed():
+                        done.append(t)
+                except Exception:  # recorded in the transfer; its owner sees it when it polls
+                    done.append(t)
+            with self._lock:
+                self._inflight = [t for t in self._inflight if t not in done]
+            time.sleep(WATCHDOG_PERIOD_S)
+
+    def _abort(self, reason: str) -> None:
+        if self._broken is None:
+            self._broken = reason
+            logger.warning("aborting %s communicator of connection %s: %s", self.backend,
+                           self.ctx.connection_id, reason)
+        if self._link is not None:
+            self._link.abort()
+
+    def _check_usable(self) -> None:
+        if self.closed:
+            raise TransportUnavailable("nccl transport is closed; handshake again")
+        if self._broken is not None:
+            raise TransportUnavailable(f"nccl connection was aborted ({self._broken}); close it and handshake again")
+
+    def _require_role(self, role: str) -> None:
+        if self.ctx.role != role:
+            raise ProtocolMismatch(f"this nccl transport is the {self.ctx.role} side; that call is the {role}'s")
+
+    def close(self) -> None:
+        """Abort the communicator if anything is in flight, else destroy it; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._link is not None:
+            with self._lock:
+                busy = any(not t._finished for t in self._inflight)
+            self._link.close(abort=busy or self._broken is not None)
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "NcclTransport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _run_into(fut: Future, fn: Callable[[], None]) -> None:
+    try:
+        fn()
+        fut.set_result(None)
+    except BaseException as e:  # surfaced by _Transfer.is_completed
+        fut.set_exception(e)
+
+
+def _record(device: torch.device) -> torch.cuda.Event:
+    """An event on ``device``'s current stream: the communicator stream waits for it."""
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(device))
+    return ev
+
+
+def _pack_cpu(tensors: Sequence[torch.Tensor], metas: Sequence[TensorMeta]) -> torch.Tensor:
+    total = max((m.offset + m.nbytes for m in metas), default=0)
+    buf = torch.empty(total, dtype=torch.uint8)
+    for t, m in zip(tensors, metas):
+        buf[m.offset:m.offset + m.nbytes].copy_(as_bytes(t.cpu()))
+    return buf
+
+
+def _nccl_missing() -> str | None:
+    try:
+        from cupy.cuda import nccl  # noqa: F401
+    except Exception as e:  # ImportError, or cupy built without NCCL
+        return f"cupy with NCCL is not importable ({e}); install cupy-cuda12x/13x"
+    return None
+
+
+class _NcclLink:
+    """A cupy ``NcclCommunicator`` of two ranks and its dedicated stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)
+        self.comm: Any = None
+        self._aborted = False
+
+    def rendezvous(self) -> dict[str, Any]:
+        from cupy.cuda import nccl
+
+        return {"uid": bytes(b & 0xFF for b in nccl.get_unique_id()).hex()}
+
+    def join(self, rank: int, offer: Mapping[str, Any]) -> None:
+        import cupy
+        from cupy.cuda import nccl
+
+        raw = bytes.fromhex(str(offer["uid"]))
+        uid = tuple(b - 256 if b > 127 else b for b in raw)  # ncclUniqueId is a char[128]
+        torch.cuda.set_device(self.device)
+        t0 = time.perf_counter()
+        with cupy.cuda.Device(self.device.index):
+            comm = nccl.NcclCommunicator(2, uid, rank)
+        if self._aborted:
+            comm.abort()
+            raise TransportUnavailable("connection closed while joining")
+        self.comm = comm
+        logger.info("nccl communicator rank %d on %s ready in %.0f ms", rank, self.device,
+                    (time.perf_counter() - t0) * 1e3)
+
+    def _group(self, tensors: Sequence[torch.Tensor], ready: torch.cuda.Event, send: bool) -> Callable[[], bool]:
+        from cupy.cuda import nccl
+
+        peer = CLIENT_RANK if send else SERVER_RANK
+        with torch.cuda.device(self.device):
+            self.stream.wait_event(ready)
+            nccl.groupStart()
+            try:
+                for t in tensors:
+                    n = t.numel() * t.element_size()
+                    if n:
+                        op = self.comm.send if send else self.comm.recv
+                        op(t.data_ptr(), n, nccl.NCCL_UINT8, peer, self.stream.cuda_stream)
+            finally:
+                nccl.groupEnd()
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        for t in tensors:
+            t.record_stream(self.stream)
+
+        def check() -> bool:
+            if done.query():
+                return True
+            self.comm.check_async_error()
+            return False
+
+        return check
+
+    def send(self, tensors: Sequence[torch.Tensor], ready: torch.cuda.Event) -> Callable[[], bool]:
+        return self._group(tensors, ready, send=True)
+
+    def recv(self, tensors: Sequence[torch.Tensor], ready: torch.cuda.Event) -> Callable[[], bool]:
+        return self._group(tensors, ready, send=False)
+
+    def abort(self) -> None:
+        self._aborted = True
+        comm, self.comm = self.comm, None
+        if comm is not None:  # ncclCommAbort can itself stall on old NCCL: never let it hold us
+            t = threading.Thread(target=comm.abort, daemon=True, name="zmqdisagg-nccl-abort")
+            t.start()
+            t.join(5.0)
+
+    def close(self, abort: bool) -> None:
+        if abort or self.comm is None:
+            self.abort()
+            return
+        comm, self.comm = self.comm, None
+        self.stream.synchronize()
+        comm.destroy()
+
+
+class _GlooLink:
+    """A private ``ProcessGroupGloo`` of two ranks over a ``TCPStore`` that the server side owns."""
+
+    def __init__(self, ctx: TransportContext) -> None:
+        self.ctx = ctx
+        self.timeout = datetime.timedelta(seconds=ctx.transfer_timeout_s)
+        self.store: Any = None
+        self.pg: Any = None
+        self._aborted = False
+
+    def rendezvous(self) -> dict[str, Any]:
+        from torch.distributed import TCPStore
+
+        self.store = TCPStore("0.0.0.0", 0, None, True, timeout=self.timeout, wait_for_workers=False)
+        addr = _host_address()
+        hosts = [addr] + (["127.0.0.1"] if addr != "127.0.0.1" else [])
+        return {"hosts": hosts, "port": int(self.store.port), "prefix": f"zmqdisagg/{secrets.token_hex(8)}/"}
+
+    def join(self, rank: int, offer: Mapping[str, Any]) -> None:
+        from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+
+        if rank == SERVER_RANK:
+            local = _host_address()
+        else:
+            host, local = _reachable(offer["hosts"], int(offer["port"]), self.ctx.transfer_timeout_s)
+            self.store = TCPStore(host, int(offer["port"]), None, False, timeout=self.timeout)
+        opts = ProcessGroupGloo._Options()
+        opts._devices = [ProcessGroupGloo.create_device(hostname=local)]
+        opts._timeout = self.timeout
+        pg = ProcessGroupGloo(PrefixStore(str(offer["prefix"]), self.store), rank, 2, opts)
+        if self._aborted:
+            raise TransportUnavailable("connection closed while joining")
+        self.pg = pg
+
+    # Gloo point-to-point work completes only inside ``wait()``, so these run on the worker thread and
+    # return once the bytes have moved (or gloo's own timeout, the transfer deadline, has passed).
+    def send(self, tensors: Sequence[torch.Tensor], tag: int) -> Callable[[], bool]:
+        self.pg.send(list(tensors), CLIENT_RANK, tag).wait()
+        return _true
+
+    def recv(self, tensors: Sequence[torch.Tensor], tag: int) -> Callable[[], bool]:
+        self.pg.recv(list(tensors), SERVER_RANK, tag).wait()
+        return _true
+
+    def abort(self) -> None:
+        self._aborted = True
+        pg, self.pg = self.pg, None
+        if pg is not None:
+            try:
+                pg.abort()
+            except Exception as e:  # older torch: dropping the group closes its sockets
+                logger.debug("gloo abort: %s", e)
+
+    def close(self, abort: bool) -> None:
+        if abort:
+            self.abort()
+        self.pg = None
+        self.store = None
+
+
+def _true() -> bool:
+    return True
+
+
+def _host_address() -> str:
+    """This host's address as peers see it (hostname lookup), else loopback."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _reachable(hosts: Sequence[str], port: int, timeout: float) -> tuple[str, str]:
+    """First of ``hosts`` that accepts a TCP connection on ``port``, and our address toward it."""
+    errors = []
+    for host in hosts:
+        try:
+            with socket.create_connection((host, port), timeout=min(timeout, 5.0)) as s:
+                return host, s.getsockname()[0]
+        except OSError as e:
+            errors.append(f"{host}:{port} ({e})")
+    raise TransportUnavailable(f"cannot reach the server's gloo rendezvous at {', '.join(errors)}")
