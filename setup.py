@@ -28,7 +28,7 @@ def native_extension() -> dict:
         name="zmqdisagg.native._C",
         sources=["csrc/python_api.cpp", "csrc/copy.cu"],
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},  # torch adds the C++ standard and arch flags
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

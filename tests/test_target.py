@@ -267,6 +267,14 @@ def test_random_init_is_seeded_and_keeps_global_rng():
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
 
 
+def test_eager_attention_agrees_with_sdpa():
+    batch = make_batch()
+    sdpa, eager = load_target("tiny-llama"), load_target("tiny-llama", attn_implementation="eager")
+    assert eager.model.config._attn_implementation == "eager"
+    torch.testing.assert_close(eager.eagle3(batch)["aux_hidden"], sdpa.eagle3(batch)["aux_hidden"], rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_dtype_and_yaml_config(tmp_path):
     cfg = json.loads((REPO / "configs" / "tiny-llama.json").read_text())
     path = tmp_path / "mini.yaml"
@@ -300,6 +308,8 @@ def test_bad_flags_name_the_flag(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="--device"):
             load_target("tiny-llama", device="cuda:1")
+    with pytest.raises(ConfigError, match="--attn-implementation"):
+        load_target("tiny-llama", attn_implementation="flash_attention_2")
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ConfigError, match="model config"):
         load_target(str(tmp_path / "notes.txt"))

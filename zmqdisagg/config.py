@@ -56,6 +56,8 @@ class ServeConfig:
     max_request_bytes: int = 64 << 20  # largest request message accepted
     transfer_timeout_s: float = field(default_factory=lambda: envs.ZMQDISAGG_TRANSFER_TIMEOUT_S)
     insecure: bool = False  # --insecure: allow a non-loopback bind without authentication
+    curve_secret_key: str | None = None  # --curve-secret-key: the server's NAME.key_secret file
+    curve_authorized_dir: str | None = None  # --curve-authorized-dir: public keys of admitted clients
 
     def __post_init__(self) -> None:
         check_address(self.bind, "--bind")
@@ -68,10 +70,12 @@ class ServeConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         if self.max_slots < 1 or self.max_tokens < 1:
             raise ConfigError("--max-slots and --max-tokens must be at least 1")
-        if not is_loopback(self.bind) and not self.insecure:
+        if bool(self.curve_secret_key) != bool(self.curve_authorized_dir):
+            raise ConfigError("--curve-secret-key and --curve-authorized-dir go together; pass both or neither")
+        if not is_loopback(self.bind) and not (self.insecure or self.curve_secret_key):
             raise ConfigError(
-                f"--bind={self.bind} is not loopback; pass --insecure to serve unauthenticated "
-                "on a network interface")
+                f"--bind={self.bind} is not loopback; pass --curve-secret-key and --curve-authorized-dir "
+                "(keys from zmqdisagg-keygen), or --insecure to serve unauthenticated")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -84,6 +88,8 @@ class ClientConfig:
     request_timeout_s: float = field(default_factory=lambda: envs.ZMQDISAGG_REQUEST_TIMEOUT_S)
     connect_timeout_s: float = 30.0  # handshake deadline per server
     max_lanes: int = 8  # most requests in flight per server
+    curve_server_key: str | None = None  # the server's public NAME.key file (enables CURVE)
+    curve_client_key: str | None = None  # this client's NAME.key_secret file
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
@@ -94,3 +100,5 @@ class ClientConfig:
                 f"request_timeout_s={self.request_timeout_s}")
         if self.max_lanes < 1:
             raise ConfigError(f"max_lanes={self.max_lanes} must be at least 1")
+        if bool(self.curve_server_key) != bool(self.curve_client_key):
+            raise ConfigError("curve_server_key and curve_client_key go together; pass both or neither")

@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=1 << 20, help="most tokens in one request")
     p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="largest request message accepted")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --bind without authentication")
+    p.add_argument("--curve-secret-key", default=None, help="server NAME.key_secret file (zmqdisagg-keygen); enables CURVE")
+    p.add_argument("--curve-authorized-dir", default=None, help="directory of admitted clients' public *.key files")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO or WARNING")
     return p.parse_args(argv)
 
@@ -50,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         config = ServeConfig(model=args.model, bind=args.bind, device=args.device, dtype=args.dtype,
                              seed=args.seed, transport=args.transport, lease_s=args.lease_s,
                              max_slots=args.max_slots, max_tokens=args.max_tokens,
-                             max_request_bytes=args.max_request_bytes, insecure=args.insecure)
+                             max_request_bytes=args.max_request_bytes, insecure=args.insecure,
+                             curve_secret_key=args.curve_secret_key,
+                             curve_authorized_dir=args.curve_authorized_dir)
         if config.insecure:
             logger.warning("serving on %s WITHOUT authentication (--insecure): anyone who reaches this "
                            "port can read the target's outputs", config.bind)

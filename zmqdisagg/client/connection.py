@@ -57,7 +57,11 @@ class ServerConnection:
         self.info: ModelInfo | None = None
         self.in_flight = 0
         self.closed = False
-        self.handshake()
+        try:
+            self.handshake()
+        except BaseException:
+            self.close(say_bye=False)  # free the lanes, or the caller's zmq context can never terminate
+            raise
 
     # -- handshake ---------------------------------------------------------------------------------
     def handshake(self) -> None:
@@ -165,11 +169,16 @@ class ServerConnection:
             if not self._idle:
                 lane = Lane(self._ctx, self.address, len(self._lanes),
                             attempt_timeout_s=self.config.attempt_timeout_s,
-                            request_timeout_s=self.config.request_timeout_s)
+                            request_timeout_s=self.config.request_timeout_s,
+                            curve=self._curve())
                 self._lanes.append(lane)
                 self._idle.append(lane)
             self.in_flight += 1
             return self._idle.pop()
+
+    def _curve(self) -> tuple[str, str] | None:
+        c = self.config
+        return (c.curve_server_key, c.curve_client_key) if c.curve_server_key and c.curve_client_key else None
 
     def _give_lane(self, lane: Lane) -> None:
         with self._free:

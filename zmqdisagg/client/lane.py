@@ -20,6 +20,7 @@ from zmqdisagg.errors import PeerTimeout, from_code
 from zmqdisagg.protocol import codec
 from zmqdisagg.protocol import messages as m
 from zmqdisagg.protocol.messages import Header
+from zmqdisagg.security import apply_client
 
 logger = logging.getLogger(__name__)
 
@@ -28,20 +29,27 @@ class Lane:
     """One in-flight request at a time to ``address``; not thread-safe (one user at a time)."""
 
     def __init__(self, ctx: zmq.Context, address: str, index: int, *, attempt_timeout_s: float,
-                 request_timeout_s: float) -> None:
+                 request_timeout_s: float, curve: tuple[str, str] | None = None) -> None:
         self.address = address
         self.index = index
         self.attempt_timeout_s = attempt_timeout_s
         self.request_timeout_s = request_timeout_s
         self._ctx = ctx
         self._sock: zmq.Socket | None = None
+        self._curve = curve  # (server public key file, client secret key file)
         self.retries = 0
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
             sock = self._ctx.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.address)
+            try:
+                if self._curve:
+                    apply_client(sock, *self._curve)
+                sock.connect(self.address)
+            except BaseException:
+                sock.close(linger=0)
+                raise
             self._sock = sock
         return self._sock
 

@@ -119,7 +119,7 @@ class RemoteTarget:
         self.closed = True
         for s in self._servers:
             s.close(say_bye=s.address not in self._dead)
-        self._ctx.term()
+        self._ctx.destroy(linger=0)  # closes any socket still open, so this can never hang
 
     def __enter__(self) -> "RemoteTarget":
         return self

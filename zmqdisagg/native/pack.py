@@ -50,6 +50,16 @@ def _launch(entries: list[tuple[int, int, int]], stream: torch.cuda.Stream | Non
     _C.copy_list(entries, _blocks(stream.device.index), stream.cuda_stream)
 
 
+def copy_list(entries: Sequence[tuple[int, int, int]], stream: torch.cuda.Stream | None = None) -> None:
+    """Native only: copy ``(src_ptr, dst_ptr, nbytes)`` ranges in one launch on ``stream``'s device.
+
+    Every pointer must be reachable from that device (local, IPC-mapped, or a peer with access on).
+    """
+    if not HAS_NATIVE:
+        raise RuntimeError("zmqdisagg.native._C is not built; check HAS_NATIVE before calling copy_list")
+    _launch(list(entries), stream)
+
+
 def pack(tensors: Sequence[torch.Tensor], metas: Sequence[TensorMeta], buf: torch.Tensor,
          *, native: bool = True) -> None:
     """Write each tensor's bytes at its meta's offset in the ``uint8`` buffer ``buf``."""

@@ -49,7 +49,13 @@ class TargetServer:
                                  identity=local_identity(config.device, offered))
         self._stop = threading.Event()
         self._ctx = zmq.Context()
+        self._auth = None
+        if config.curve_secret_key:
+            from zmqdisagg.security import ServerAuth
+            self._auth = ServerAuth(self._ctx, config.curve_secret_key, config.curve_authorized_dir or "")
         self._sock = self._ctx.socket(zmq.ROUTER)
+        if self._auth is not None:
+            self._auth.apply(self._sock)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 4 * config.max_request_bytes)
@@ -158,7 +164,9 @@ class TargetServer:
         for cid in list(self.state.connections):
             self.state.drop(cid, "server shutting down")
         self._sock.close(linger=0)
-        self._ctx.term()
+        if self._auth is not None:
+            self._auth.close()
+        self._ctx.destroy(linger=0)  # closes any socket still open, so this can never hang
         if self.address.startswith("ipc://"):
             try:
                 os.unlink(self.address[len("ipc://"):])

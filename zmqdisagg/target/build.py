@@ -6,8 +6,10 @@ Guarantees:
   config (a path, or the name of a file in ``configs/`` such as ``tiny-llama``). Anything else,
   including a string that looks like a hub id, raises ``ConfigError`` saying what to pass.
 - A config builds a random-init model that is bit-identical in every process for the same
-  ``seed`` and ``dtype``: weights are drawn on the CPU under ``torch.random.fork_rng`` (the caller's
-  global RNG is left untouched), directly in ``dtype``, and only then moved to ``device``.
+  ``seed``, ``dtype`` and device type: weights are drawn directly in ``dtype`` on ``device`` under
+  ``torch.random.fork_rng`` (the caller's global RNG is left untouched). CPU weights are the same on
+  every machine; CUDA weights are the same across processes on one GPU model, but differ from the
+  CPU ones (drawing an 8B model on the CPU takes minutes, on a GPU about a second).
 - The attention kernel is set explicitly (``sdpa`` by default; ``eager`` also allowed) so that outputs
   do not depend on which optional kernels happen to be installed.
 - A config picks its tokenizer with the key ``"zmqdisagg_tokenizer"``: ``"bytes"`` (the default) is the
@@ -59,7 +61,7 @@ def load_target(path_or_config: str, *, device: str = "cpu", dtype: str = "float
     if source.config is None:
         model = _from_directory(source.path, torch_dtype, torch_device, attn_implementation)
     else:
-        model = _from_config(source.config, torch_dtype, seed, attn_implementation).to(torch_device)
+        model = _from_config(source.config, torch_dtype, torch_device, seed, attn_implementation)
     logger.info("loaded target from %s (%s, %s)", source.path, dtype, torch_device)
     return TargetModel(model)
 
@@ -154,7 +156,7 @@ def parse_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _from_config(config: dict[str, Any], dtype: torch.dtype, seed: int, attn: str) -> Any:
+def _from_config(config: dict[str, Any], dtype: torch.dtype, device: torch.device, seed: int, attn: str) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = {k: v for k, v in config.items() if not k.startswith(("_", "zmqdisagg"))}
@@ -162,7 +164,9 @@ def _from_config(config: dict[str, Any], dtype: torch.dtype, seed: int, attn: st
         hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     except Exception as exc:  # unknown model_type, or a field transformers' validators reject
         raise ConfigError(f"transformers cannot build this model config: {exc}") from exc
-    with torch.random.fork_rng(devices=[]):  # CPU-only fork: the caller's RNG state is restored after
+    # manual_seed reseeds the CPU and every GPU, so fork them all: the caller's RNG state comes back after.
+    gpus = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus), torch.device(device):  # draw on the device: 8B in seconds
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn)
 

@@ -50,6 +50,7 @@ class TrainConfig:
     data_path: str = "data/demo-train.jsonl"
     demo_samples: int = 0  # >0: write this many synthetic dialogues to data_path if it is missing
     demo_seed: int = 0
+    demo_target_steps: int = 0  # >0: if `model` is missing, train the tiny demo target there first (demo_target.py)
     eval_samples: int = 32  # held out from data_path (deterministic by seed); 0 disables eval
     max_length: int = 256
     draft_vocab_size: int = 256
@@ -118,7 +119,8 @@ class TrainConfig:
                      "batch_size", "micro_batches", "max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("spawn_servers", "prefetch_depth", "demo_samples", "eval_samples", "warmup_steps",
+        for name in ("spawn_servers", "prefetch_depth", "demo_samples", "demo_target_steps", "eval_samples",
+                     "warmup_steps",
                      "eval_every", "save_every", "num_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")

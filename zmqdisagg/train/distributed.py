@@ -51,7 +51,8 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, owns_group=True)
 
 
-def _sum_hook(_state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def _sum_hook(_state, bucket):  # unannotated: DDP rejects the string annotations of `from __future__`
+    """DDP comm hook: all-reduce the bucket with SUM (the default hook averages)."""
     work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
 

@@ -113,7 +113,8 @@ def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.
     seq_len, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
     first = q @ keys[0].transpose(-1, -2) * scale + causal_bias(seq_len, q.device, q.dtype)  # [B,h,S,S]
     diag = [(q * k).sum(-1, keepdim=True) * scale for k in keys[1:]]  # each [B,h,S,1]
-    probs = torch.cat([first, *diag], dim=-1).float().softmax(dim=-1).to(q.dtype)
+    scores = torch.cat([first, *diag], dim=-1)
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     out = probs[..., :seq_len] @ values[0]
     for j, v in enumerate(values[1:]):
         out = out + probs[..., seq_len + j, None] * v

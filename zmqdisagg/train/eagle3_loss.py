@@ -74,7 +74,7 @@ class Eagle3Objective(nn.Module):
         hidden = self.draft.fc(aux_hidden.to(self.draft.fc.weight.dtype))
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        total = hidden.new_zeros((), dtype=torch.float32)
+        total = 0.0
         stats = []
         for i in range(self.ttt_length):
             hidden = self.draft.step(shift_left(input_ids, i), hidden, positions + i, cache)
@@ -86,7 +86,7 @@ class Eagle3Objective(nn.Module):
     @staticmethod
     def _score(logits: torch.Tensor, target_p: torch.Tensor, valid: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        logq = F.log_softmax(logits.float(), dim=-1)
+        logq = F.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         ce = -(target_p * logq).sum(-1)  # [B, S]
         w = valid.float()
         loss_sum = (ce * w).sum()

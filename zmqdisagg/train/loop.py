@@ -36,6 +36,7 @@ from zmqdisagg.train.batching import BatchPlan, collate, eval_micro_batches, spl
 from zmqdisagg.train.config import TrainConfig
 from zmqdisagg.train.data import load_dataset
 from zmqdisagg.train.demo_data import write_demo_jsonl
+from zmqdisagg.train.demo_target import train_demo_target
 from zmqdisagg.train.eagle3_draft import DraftConfig, Eagle3Draft
 from zmqdisagg.train.eagle3_loss import Eagle3Objective, teacher_inputs
 from zmqdisagg.train.export import export_draft
@@ -76,6 +77,9 @@ class Trainer:
     def _build(self) -> None:
         cfg, dist = self.cfg, self.dist
         self.micro_size = cfg.micro_batch_size(dist.world_size)
+        if dist.is_main:
+            self._prepare_demo()
+        distributed.barrier(dist)
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._load_data()
@@ -101,10 +105,18 @@ class Trainer:
         distributed.barrier(self.dist)
         return out if self.dist.is_main else fn()
 
+    def _prepare_demo(self) -> None:
+        """Write the demo dialogues and train the demo target, if the config asks and they are missing."""
+        cfg = self.cfg
+        if cfg.demo_samples and not Path(cfg.data_path).exists():
+            write_demo_jsonl(cfg.data_path, cfg.demo_samples, cfg.demo_seed)
+        if cfg.demo_target_steps and not Path(cfg.model).exists():
+            logger.info("training the demo target %s (%d steps, once)", cfg.model, cfg.demo_target_steps)
+            train_demo_target(cfg.model, data_path=cfg.data_path, cache_dir=cfg.resolved_cache_dir,
+                              steps=cfg.demo_target_steps, max_length=cfg.max_length, seed=cfg.demo_seed)
+
     def _load_data(self) -> None:
         cfg = self.cfg
-        if cfg.demo_samples and self.dist.is_main and not Path(cfg.data_path).exists():
-            write_demo_jsonl(cfg.data_path, cfg.demo_samples, cfg.demo_seed)
         self.ds, self.data_key = self._rank0_first(
             lambda: load_dataset(cfg.data_path, self.tokenizer, cfg.max_length, cfg.resolved_cache_dir))
         self.train_idx, self.eval_idx = (split_indices(len(self.ds), cfg.eval_samples, cfg.seed)

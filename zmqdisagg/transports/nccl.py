@@ -33,7 +33,8 @@ import secrets
 import socket
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+from concurrent.futures import Future
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -45,30 +46,48 @@ from zmqdisagg.transports.base import Delivery, TransportContext
 logger = logging.getLogger(__name__)
 
 SERVER_RANK, CLIENT_RANK = 0, 1
+JOIN_TIMEOUT_S = 60.0  # joining waits for the client's handshake, so it gets more than one transfer
 WATCHDOG_PERIOD_S = 0.05
 
 
 class _Transfer:
     """One reply's send or receive in flight; implements ``Work``.
 
-    ``is_completed`` raises the transfer's error once it failed, so a poller learns about failures.
+    ``is_completed`` never raises: it is True once the bytes moved *or* the transfer failed, and then
+    ``error`` says which (None on success). ``wait`` raises the failure.
     """
 
-    __slots__ = ("_owner", "_posted", "_done", "_deadline", "_what", "_error", "_finished", "keep", "__weakref__")
+    __slots__ = ("_owner", "_posted", "_done", "_deadline", "_what", "error", "_finished", "keep")
 
     def __init__(self, owner: "NcclTransport", posted: Future, what: str) -> None:
         self._owner, self._posted, self._what = owner, posted, what
         self._done: Callable[[], bool] | None = None  # set by the poster: link-level completion check
         self._deadline = time.monotonic() + owner.ctx.transfer_timeout_s
-        self._error: BaseException | None = None
+        self.error: BaseException | None = None
         self._finished = False
         self.keep: Any = None  # tensors that must stay alive until the bytes have moved
 
     def is_completed(self) -> bool:
+        try:
+            return self._poll()
+        except Exception:
+            return True  # failed; ``error`` holds why
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until done (spinning for 2 ms, then 0.2 ms sleeps); raise if the transfer failed."""
+        until = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        while not self._poll():
+            if until is not None and time.monotonic() > until:
+                raise PeerTimeout(f"{self._what} still running after {timeout:g}s")
+            if time.monotonic() - start > 0.002:
+                time.sleep(0.0002)
+
+    def _poll(self) -> bool:
         if self._finished:
             return True
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
         try:
             if self._posted.done():
                 self._posted.result()  # re-raises a posting error
@@ -76,9 +95,10 @@ class _Transfer:
                     self._finished, self.keep = True, None
                     self._owner._warm = True
                     return True
-        except Exception as e:  # the link reported an error: abort and remember
-            self._fail(TransportUnavailable(f"{self._what} failed: {e}; the connection was aborted, "
-                                            "close it and handshake again"))
+        except Exception as e:  # the link reported an error (gloo's own deadline reads "Timed out")
+            kind = PeerTimeout if any(w in str(e).lower() for w in ("timed out", "timeout")) else TransportUnavailable
+            self._fail(kind(f"{self._what} failed: {e}; the connection was aborted, close it and "
+                            "handshake again"))
         if time.monotonic() > self._deadline:
             self._fail(PeerTimeout(
                 f"{self._what} did not finish within {self._owner.ctx.transfer_timeout_s:g}s: the peer is "
@@ -86,22 +106,12 @@ class _Transfer:
                 "if the link is just slow"))
         return False
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until done (spinning briefly, then sleeping 0.2 ms between polls)."""
-        until = None if timeout is None else time.monotonic() + timeout
-        start = time.monotonic()
-        while not self.is_completed():
-            if until is not None and time.monotonic() > until:
-                raise PeerTimeout(f"{self._what} still running after {timeout:g}s")
-            if time.monotonic() - start > 0.002:
-                time.sleep(0.0002)
-
     def _fail(self, error: BaseException) -> None:
-        if self._error is None:
-            self._error = error
+        if self.error is None:
+            self.error = error
             self.keep = None
             self._owner._abort(str(error))
-        raise self._error
+        raise self.error
 
 
 class NcclTransport:
@@ -116,7 +126,7 @@ class NcclTransport:
         if self.backend == "nccl" and (why := _nccl_missing()):
             raise TransportUnavailable(f"nccl transport on {ctx.device}: {why}")
         self._rank = SERVER_RANK if ctx.role == "server" else CLIENT_RANK
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"zmqdisagg-nccl-{ctx.connection_id[:12]}")
+        self._worker = _Worker(f"zmqdisagg-nccl-{ctx.connection_id[:12]}")
         self._link: _GlooLink | _NcclLink | None = None
         self._joined: Future | None = None
         self._inflight: list[_Transfer] = []
@@ -171,6 +181,8 @@ class NcclTransport:
         self._check_usable()
         metas, _ = layout(dict(tensors))
         srcs = [t.detach() for t in tensors.values()]
+        if not any(m.nbytes for m in metas):
+            return Delivery(note={}, metas=tuple(metas))  # nothing to move; the client posts nothing either
         if self.backend == "gloo":
             staged, tag = _pack_cpu(srcs, metas), self._next_tag()
             return Delivery(note={"tag": tag}, metas=tuple(metas),
@@ -204,6 +216,8 @@ class NcclTransport:
                 self._post(lambda link: link.recv([buf], tag), buf, f"gloo receive of {total} bytes").wait()
             return {m.name: from_bytes(buf, m) for m in metas}
         outs = [torch.empty(m.shape, dtype=m.torch_dtype, device=self.device) for m in metas]
+        if not any(m.nbytes for m in metas):
+            return {m.name: o for m, o in zip(metas, outs)}  # the server posted nothing either
         ready = _record(self.device)
         self._post(lambda link: link.recv(outs, ready), outs,
                    f"nccl receive of {sum(m.nbytes for m in metas)} bytes").wait()
@@ -245,13 +259,7 @@ class NcclTransport:
         while not self.closed:
             with self._lock:
                 live = list(self._inflight)
-            done = []
-            for t in live:
-                try:
-                    if t.is_completed():
-                        done.append(t)
-                except Exception:  # recorded in the transfer; its owner sees it when it polls
-                    done.append(t)
+            done = [t for t in live if t.is_completed()]
             with self._lock:
                 self._inflight = [t for t in self._inflight if t not in done]
             time.sleep(WATCHDOG_PERIOD_S)
@@ -283,7 +291,7 @@ class NcclTransport:
             with self._lock:
                 busy = any(not t._finished for t in self._inflight)
             self._link.close(abort=busy or self._broken is not None)
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        self._worker.stop()
 
     def __enter__(self) -> "NcclTransport":
         return self
@@ -296,6 +304,35 @@ class NcclTransport:
             self.close()
         except Exception:
             pass
+
+
+class _Worker:
+    """One daemon thread running jobs in order: joins and first sends, which may block on the peer.
+
+    A daemon, so a join whose peer never comes (a client that died between hello and accept) can
+    never keep the process from exiting.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        fut: Future = Future()
+        self._jobs.put((fut, fn, args))
+        return fut
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fut, fn, args = job
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as e:
+                    fut.set_exception(e)
 
 
 def _run_into(fut: Future, fn: Callable[[], None]) -> None:
@@ -416,7 +453,8 @@ class _GlooLink:
 
     def __init__(self, ctx: TransportContext) -> None:
         self.ctx = ctx
-        self.timeout = datetime.timedelta(seconds=ctx.transfer_timeout_s)
+        self.timeout = datetime.timedelta(seconds=ctx.transfer_timeout_s)  # per send/receive
+        self.join_timeout = datetime.timedelta(seconds=max(JOIN_TIMEOUT_S, ctx.transfer_timeout_s))
         self.store: Any = None
         self.pg: Any = None
         self._aborted = False
@@ -424,7 +462,7 @@ class _GlooLink:
     def rendezvous(self) -> dict[str, Any]:
         from torch.distributed import TCPStore
 
-        self.store = TCPStore("0.0.0.0", 0, None, True, timeout=self.timeout, wait_for_workers=False)
+        self.store = TCPStore("0.0.0.0", 0, None, True, timeout=self.join_timeout, wait_for_workers=False)
         addr = _host_address()
         hosts = [addr] + (["127.0.0.1"] if addr != "127.0.0.1" else [])
         return {"hosts": hosts, "port": int(self.store.port), "prefix": f"zmqdisagg/{secrets.token_hex(8)}/"}
@@ -436,10 +474,10 @@ class _GlooLink:
             local = _host_address()
         else:
             host, local = _reachable(offer["hosts"], int(offer["port"]), self.ctx.transfer_timeout_s)
-            self.store = TCPStore(host, int(offer["port"]), None, False, timeout=self.timeout)
+            self.store = TCPStore(host, int(offer["port"]), None, False, timeout=self.join_timeout)
         opts = ProcessGroupGloo._Options()
         opts._devices = [ProcessGroupGloo.create_device(hostname=local)]
-        opts._timeout = self.timeout
+        opts._timeout = self.join_timeout
         pg = ProcessGroupGloo(PrefixStore(str(offer["prefix"]), self.store), rank, 2, opts)
         if self._aborted:
             raise TransportUnavailable("connection closed while joining")
@@ -448,11 +486,11 @@ class _GlooLink:
     # Gloo point-to-point work completes only inside ``wait()``, so these run on the worker thread and
     # return once the bytes have moved (or gloo's own timeout, the transfer deadline, has passed).
     def send(self, tensors: Sequence[torch.Tensor], tag: int) -> Callable[[], bool]:
-        self.pg.send(list(tensors), CLIENT_RANK, tag).wait()
+        self.pg.send(list(tensors), CLIENT_RANK, tag).wait(self.timeout)
         return _true
 
     def recv(self, tensors: Sequence[torch.Tensor], tag: int) -> Callable[[], bool]:
-        self.pg.recv(list(tensors), SERVER_RANK, tag).wait()
+        self.pg.recv(list(tensors), SERVER_RANK, tag).wait(self.timeout)
         return _true
 
     def abort(self) -> None:

@@ -1,0 +1,171 @@
+"""Whole training runs on the tiny target: identical losses wherever the target runs, resume, DP, learning.
+
+Every comparison here is exact (``==`` on the floats of ``metrics.jsonl``): the losses may not depend on
+where the target runs (in process, remote over inline or shm, one or two servers, a server killed
+mid-run), on the prefetch depth, or on an interruption and ``--resume``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from zmqdisagg.client.remote import RemoteTarget
+from zmqdisagg.config import ClientConfig
+from zmqdisagg.server.spawn import spawn_server
+from zmqdisagg.train import checkpoint
+from zmqdisagg.train.config import TrainConfig
+from zmqdisagg.train.demo_data import write_demo_jsonl
+from zmqdisagg.train.loop import Trainer
+from zmqdisagg.train.metrics import read_metrics
+
+MODEL = "configs/tiny-llama.json"
+TINY = dict(model=MODEL, max_length=64, draft_vocab_size=64, ttt_length=3, num_heads=4, num_kv_heads=2,
+            intermediate_size=128, batch_size=4, max_steps=50, lr=3e-3, warmup_steps=5, eval_samples=8,
+            eval_every=25, save_every=25, seed=0, progress=False, tensorboard=False, export=False, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    write_demo_jsonl(root / "demo.jsonl", 300, seed=0)
+    return root
+
+
+def tiny(workdir: Path, name: str, **changes) -> TrainConfig:
+    return TrainConfig(**{**TINY, "data_path": str(workdir / "demo.jsonl"), "cache_dir": str(workdir / "cache"),
+                          "output_dir": str(workdir / name), **changes})
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    threads = torch.get_num_threads()
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+        torch.set_num_threads(threads)
+    return read_metrics(cfg.output_dir) + read_metrics(cfg.output_dir, "eval")
+
+
+def numbers(rows: list[dict]) -> list[tuple]:
+    """Everything that must match bit for bit: step, loss, loss_i, acc_i of train and eval records."""
+    keys = sorted(k for k in rows[0] if k == "loss" or k.startswith(("loss_", "acc_")))
+    return [(r["kind"], r["step"], *(r[k] for k in keys)) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def baseline(workdir) -> list[tuple]:
+    rows = train(tiny(workdir, "local"))
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 51))
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [25, 50]
+    return numbers(rows)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_prefetch_depth_does_not_change_losses(workdir, baseline, depth):
+    assert numbers(train(tiny(workdir, f"local-depth{depth}", prefetch_depth=depth))) == baseline
+
+
+def test_resume_from_a_mid_run_checkpoint_continues_exactly(workdir, baseline):
+    cfg = tiny(workdir, "resume")
+    train(cfg)
+    shutil.rmtree(checkpoint.checkpoint_dir(cfg.output_dir, 50))  # as if the run had died after step 25
+    assert checkpoint.latest(cfg.output_dir).name == "step_00000025"
+    assert numbers(train(cfg.replace(resume=True))) == baseline
+
+
+@pytest.mark.parametrize("transport", ["inline", "shm"])
+def test_remote_target_gives_the_same_losses(workdir, baseline, transport):
+    cfg = tiny(workdir, f"remote-{transport}", target="remote", spawn_servers=1, transport=transport,
+               prefetch_depth=2)
+    assert numbers(train(cfg)) == baseline
+
+
+def test_two_servers_share_the_work_with_the_same_losses(workdir, baseline):
+    with spawn_server(MODEL, transport="shm") as a, spawn_server(MODEL, transport="shm") as b:
+        cfg = tiny(workdir, "two-servers", target="remote", servers=(a.address, b.address), prefetch_depth=2)
+        rows = train(cfg)
+        with RemoteTarget([a.address, b.address], ClientConfig(transport="inline")) as probe:
+            served = {address: s["requests"] for address, s in probe.stats().items()}
+    assert all(n > 10 for n in served.values()), served  # least-loaded routing used both
+    assert numbers(rows) == baseline
+
+
+def test_two_servers_and_a_server_killed_mid_run(workdir, baseline, monkeypatch):
+    """SIGKILL one of two servers after step 20; its in-flight requests go to the other one.
+
+    inline transport: a SIGKILLed server cannot unlink its shm segments (the suite checks for leaks).
+    """
+    monkeypatch.setenv("ZMQDISAGG_ATTEMPT_TIMEOUT_S", "2")
+    monkeypatch.setenv("ZMQDISAGG_REQUEST_TIMEOUT_S", "3")
+    with spawn_server(MODEL, transport="inline") as a, spawn_server(MODEL, transport="inline") as b:
+        cfg = tiny(workdir, "failover", target="remote", servers=(a.address, b.address), prefetch_depth=2,
+                   transport="inline")
+        killer = threading.Thread(target=_kill_after_step, args=(cfg.output_dir, 20, a), daemon=True)
+        killer.start()
+        rows = train(cfg)
+        killer.join(timeout=5)
+        assert a.proc.poll() is not None, "the server was not killed during the run"
+        with RemoteTarget([b.address], ClientConfig(transport="inline")) as probe:
+            served = probe.stats()[b.address]["requests"]
+    assert served > 30 + 4  # at least steps 21..50 and the final eval's batches
+    assert numbers(rows) == baseline
+
+
+def _kill_after_step(output_dir: str, step: int, server) -> None:
+    path = Path(output_dir) / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().count('"kind": "train"') >= step:
+            server.kill()
+            return
+        time.sleep(0.02)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_equal_one_process_with_the_same_global_batch(workdir):
+    """gloo DP with 2 ranks x 1 micro-batch == 1 process x 2 micro-batches, bit for bit (see distributed.py)."""
+    one = numbers(train(tiny(workdir, "dp-one", micro_batches=2, max_steps=20, eval_every=10, save_every=0)))
+    cfg = tiny(workdir, "dp-two", max_steps=20, eval_every=10, save_every=0)
+    (workdir / "dp.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "zmqdisagg.cli.train", "--config", str(workdir / "dp.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = numbers(read_metrics(cfg.output_dir) + read_metrics(cfg.output_dir, "eval"))
+    assert two == one
+
+
+def test_the_draft_learns_the_demo_target(workdir):
+    """On the demo data, with the demo target (briefly trained), loss falls and acc_0 rises far above its start.
+
+    Thresholds come from the run recorded in docs/training.md ("learning test"): there the first three
+    steps average loss 9.98 / acc_0 0.057 and the final eval reaches loss 4.93 (the soft cross-entropy
+    cannot go below the teacher's entropy) / acc_0 0.870.
+    """
+    cfg = tiny(workdir, "learn", model=str(workdir / "demo-target"), demo_target_steps=60, max_steps=120,
+               eval_every=40, save_every=0, eval_samples=32, batch_size=8, ttt_length=3)
+    rows = train(cfg)
+    start = [r for r in rows if r["kind"] == "train"][:3]
+    final = [r for r in rows if r["kind"] == "eval"][-1]
+    start_loss = sum(r["loss"] for r in start) / 3
+    start_acc = sum(r["acc_0"] for r in start) / 3
+    assert start_acc < 0.15
+    assert final["loss"] < 0.6 * start_loss
+    assert final["acc_0"] > 0.7
