@@ -56,6 +56,9 @@ def parse_size(s: str) -> int:
 
 
 def sizes_from(spec: str) -> list[int]:
+    """``1M:4G`` (doubling) or ``1M,16M,1G``."""
+    if "," in spec:
+        return [parse_size(x) for x in spec.split(",") if x]
     lo, _, hi = spec.partition(":")
     lo, hi = parse_size(lo), parse_size(hi or lo)
     out = []
@@ -129,6 +132,8 @@ def worker_server(args: argparse.Namespace) -> None:
             t = transports.create(args.transport, TransportContext(
                 role="server", connection_id=uuid.uuid4().hex[:12], device=args.server_device,
                 max_slots=4, transfer_timeout_s=120.0))
+            for k, v in json.loads(args.server_attrs).items():
+                setattr(t, k, v)
             sock.send(json.dumps({"offer": t.offer()}).encode())
         elif req["op"] == "put":
             if work is not None:
@@ -177,6 +182,8 @@ def worker_client(args: argparse.Namespace) -> None:
     offer = json.loads(sock.recv())["offer"]
     t = transports.create(args.transport, TransportContext(
         role="client", connection_id="bench", device=args.client_device, transfer_timeout_s=120.0))
+    for k, v in json.loads(args.client_attrs).items():
+        setattr(t, k, v)
     t.accept(offer)
     accept_ms = (time.perf_counter() - t0) * 1e3
     pending: list[int] = []
@@ -199,13 +206,16 @@ def worker_client(args: argparse.Namespace) -> None:
             if rep["slot"] is not None:
                 pending.append(rep["slot"])
             last["out"] = out["payload"]
-            return t2 - t1, t2 - t0
+            prof = getattr(t, "profile", (0.0, 0.0))
+            return t2 - t1, t2 - t0, prof[0], prof[1]
 
         setup, samples = adaptive(once, nbytes, args)
         ok = check_pattern(last.pop("out"))
         row = {"size": nbytes, "setup_ms": setup[1] * 1e3, "verified": ok,
                **stats([s[0] for s in samples], nbytes),
-               "e2e_p50_us": statistics.median(s[1] for s in samples) * 1e6}
+               "e2e_p50_us": statistics.median(s[1] for s in samples) * 1e6,
+               "enqueue_p50_us": statistics.median(s[2] for s in samples) * 1e6,
+               "wait_p50_us": statistics.median(s[3] for s in samples) * 1e6}
         rows.append(row)
         print(f"  {args.label:<10} {human(nbytes):>8}  get p50 {row['p50_us']:10.1f} us  "
               f"{row['gbps']:8.2f} GB/s  e2e {row['e2e_p50_us']:10.1f} us  ok={ok}", flush=True)
@@ -219,13 +229,15 @@ def worker_client(args: argparse.Namespace) -> None:
 
 
 def run_transport(label: str, transport: str, env: dict[str, str], args: argparse.Namespace,
-                  max_size: str) -> dict[str, Any]:
+                  max_size: str, server_attrs: dict | None = None, client_attrs: dict | None = None,
+                  client_device: str | None = None, sizes: str | None = None) -> dict[str, Any]:
     endpoint = f"ipc://{tempfile.gettempdir()}/zmqdisagg-bench-{uuid.uuid4().hex[:8]}.sock"
     result = os.path.join(tempfile.gettempdir(), f"zmqdisagg-bench-{uuid.uuid4().hex[:8]}.json")
     common = [sys.executable, os.path.abspath(__file__), "--endpoint", endpoint, "--transport", transport,
-              "--server-device", args.server_device, "--client-device", args.client_device,
-              "--sizes", args.sizes, "--max-size", max_size, "--min-time", str(args.min_time),
-              "--min-iters", str(args.min_iters), "--max-iters", str(args.max_iters), "--label", label]
+              "--server-device", args.server_device, "--client-device", client_device or args.client_device,
+              "--sizes", sizes or args.sizes, "--max-size", max_size, "--min-time", str(args.min_time),
+              "--min-iters", str(args.min_iters), "--max-iters", str(args.max_iters), "--label", label,
+              "--server-attrs", json.dumps(server_attrs or {}), "--client-attrs", json.dumps(client_attrs or {})]
     full_env = {**os.environ, **env}
     srv = subprocess.Popen([*common, "--_worker", "server"], env=full_env)
     try:
@@ -246,15 +258,19 @@ def run_transport(label: str, transport: str, env: dict[str, str], args: argpars
 
 
 # -- raw baselines ---------------------------------------------------------------------------------
-def raw_copy(args: argparse.Namespace, sm: bool) -> list[dict]:
+def raw_copy(args: argparse.Namespace, sm: bool, pull: bool = False) -> list[dict]:
+    """One process, two GPUs: ``dst.copy_(src)`` (copy engine) or the SM kernel, pushing or pulling."""
     from zmqdisagg.native import pack
 
     s_dev, c_dev = args.server_device, args.client_device
+    torch.zeros(1, device=c_dev).copy_(torch.zeros(1, device=s_dev))  # torch enables peer access
+    torch.zeros(1, device=s_dev).copy_(torch.zeros(1, device=c_dev))  # both ways
     rows = []
     for nbytes in sizes_from(args.sizes):
         src = pattern(nbytes, s_dev)
         dst = torch.empty(nbytes, dtype=torch.uint8, device=c_dev)
-        stream = torch.cuda.current_stream(torch.device(s_dev))
+        launch_dev = torch.device(c_dev if pull else s_dev)
+        stream = torch.cuda.current_stream(launch_dev)
 
         def once() -> float:
             t0 = time.perf_counter()
@@ -266,7 +282,7 @@ def raw_copy(args: argparse.Namespace, sm: bool) -> list[dict]:
             torch.cuda.synchronize(c_dev)
             return time.perf_counter() - t0
 
-        with torch.cuda.device(torch.device(s_dev)):
+        with torch.cuda.device(launch_dev):
             setup, samples = adaptive(once, nbytes, args)
         rows.append({"size": nbytes, "setup_ms": setup * 1e3, "verified": check_pattern(dst),
                      **stats(samples, nbytes)})
@@ -453,7 +469,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | – | – | error: {res['error']} | | | | | | | |")
             continue
         for r in res.get("rows", []):
-            gpu_path = name in ("cuda_ipc", "nccl", "raw-ce", "raw-sm", "raw-nccl") or name.startswith("server/cuda")
+            gpu_path = name.startswith(("cuda_ipc", "raw-ce", "raw-sm", "server/cuda")) or name in ("nccl", "raw-nccl")
             pct = f"{100 * r['gbps'] / peak:.1f}" if peak and gpu_path else "–"
             e2e = f"{r['e2e_p50_us']:.1f}" if "e2e_p50_us" in r else "–"
             lines.append(f"| {name} | {res.get('selected', name)} | {human(r['size'])} | {r['p50_us']:.1f} | "
@@ -507,6 +523,15 @@ def main() -> None:
     p.add_argument("--paths", default="transport,server", help="transport and/or server")
     p.add_argument("--server-transports", default=None,
                    help="transports for the server path (default: all of --transports)")
+    p.add_argument("--ipc-variants", default=";".join([
+        'cuda_ipc/pull-ce={"client": {"pull": true, "sm_copy_max_bytes": 0}}',
+        'cuda_ipc/pull-sm={"client": {"pull": true, "sm_copy_max_bytes": 1099511627776}}',
+        'cuda_ipc/push-ce={"client": {"sm_copy_max_bytes": 0}}',
+        'cuda_ipc/pull-ce-cepack={"client": {"pull": true, "sm_copy_max_bytes": 0}, "server": {"pack_sm_max_bytes": 0}}',
+        'cuda_ipc/nochunk={"server": {"min_chunk_bytes": 17179869184}}',
+        'cuda_ipc/same-gpu={"client_device": "cuda:0"}']),
+        help="NAME=JSON knob sets for extra cuda_ipc runs, ';'-separated (empty: none)")
+    p.add_argument("--variant-sizes", default="1M,16M,64M,256M,1G,4G", help="sizes of the variant runs")
     p.add_argument("--server-device", default="cuda:0")
     p.add_argument("--client-device", default="cuda:1")
     p.add_argument("--host-max-size", default="1G", help="largest size for shm/inline (host copies)")
@@ -525,6 +550,8 @@ def main() -> None:
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--label", default="", help=argparse.SUPPRESS)
+    p.add_argument("--server-attrs", default="{}", help=argparse.SUPPRESS)
+    p.add_argument("--client-attrs", default="{}", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._worker:
         {"server": worker_server, "client": worker_client, "tdist": worker_tdist}[args._worker](args)
@@ -538,8 +565,9 @@ def main() -> None:
         results["raw-ce"] = {"rows": raw_copy(args, sm=False)}
     from zmqdisagg.native.pack import HAS_NATIVE
     if "sm" in baselines and HAS_NATIVE:
-        print("raw SM copy kernel (push)", flush=True)
+        print("raw SM copy kernel (push, then pull)", flush=True)
         results["raw-sm"] = {"rows": raw_copy(args, sm=True)}
+        results["raw-sm-pull"] = {"rows": raw_copy(args, sm=True, pull=True)}
     if "nccl" in baselines:
         print("raw torch.distributed NCCL send/recv", flush=True)
         results["raw-nccl"] = run_tdist({}, args, max_all)
@@ -560,6 +588,12 @@ def main() -> None:
                 results[f"server/{label}"] = {"error": f"{type(e).__name__}: {e}"}
             for k in NET_ENV:
                 os.environ.pop(k, None)
+    for spec in [v for v in args.ipc_variants.split(";") if v] if gpu else []:
+        name, _, knobs = spec.partition("=")
+        k = json.loads(knobs or "{}")
+        print(f"variant {name}", flush=True)
+        results[name] = run_transport(name, "cuda_ipc", {}, args, max_all, k.get("server"), k.get("client"),
+                                      k.get("client_device"), args.variant_sizes)
     peak, how = link_peak(args)
     report = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "machine": machine(),
               "server_device": args.server_device, "client_device": args.client_device,

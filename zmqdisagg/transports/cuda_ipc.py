@@ -17,10 +17,13 @@ Ordering, with no host round trip between the two processes:
   Chunking lets the client copy chunk 0 over NVLink while the server still packs chunk 1.
 * client ``get``: the GPUs are matched by UUID. A stream **of the exporting GPU** waits on event k (a
   consumer-GPU stream waiting on another GPU's IPC event hung silently on our VMs, see
-  ``shared/reference/gpu-baselines.md``), then copies chunk k into the client's own tensors: an SM copy
-  kernel pushing over NVLink for payloads up to ``sm_copy_max_bytes`` (it beats the copy engine there),
-  the copy engine above. ``get`` returns once the bytes have landed (it polls an event against
-  ``transfer_timeout_s``), so the slot id may be released right away.
+  ``shared/reference/gpu-baselines.md``), then chunk k is copied into the client's own tensors: by the
+  SM copy kernel for payloads up to ``sm_copy_max_bytes``, by the copy engine above. ``pull = False``
+  (push) issues the copy on that exporting-GPU stream; ``pull = True`` records a plain local event there
+  and lets a stream of the client's own GPU wait on it and copy (a local event is safe to wait on across
+  GPUs; only the IPC event is not). ``get`` returns once the bytes have landed (it polls an event
+  against ``transfer_timeout_s``), so the slot id may be released right away. ``profile`` keeps the
+  last get's (enqueue, wait) seconds for the benchmark.
 * zero-copy (same GPU, ``zero_copy = True`` on the client side): ``get`` returns views of the slot,
   ordered after the server's events on the caller's current stream. The caller must not release the
   slot until it is done with the views: call ``finish_views(note)`` (it synchronizes the current
@@ -51,6 +54,7 @@ MIN_SLOT_BYTES = 1 << 20
 MAX_CHUNKS = 8  # events per slot; the offer carries max_slots x MAX_CHUNKS event handles
 MIN_CHUNK_BYTES = 16 << 20  # payloads up to 2x this go in one chunk
 SM_COPY_MAX_BYTES = 64 << 20  # client copies up to this on SMs (native kernel), above on the copy engine
+PACK_SM_MAX_BYTES = 64 << 20  # server packs up to this with one kernel launch, above with the copy engine
 HANDLE_HEX = 128  # a cudaIpcMemHandle_t / cudaIpcEventHandle_t is 64 bytes
 
 
@@ -116,14 +120,18 @@ class CudaIpcTransport:
         self.index = dev.index if dev.index is not None else torch.cuda.current_device()
         self.uuid = gpu_probe.cuda_uuid(self.index)
         self.zero_copy = False  # client: return views when both sides share the GPU (see module doc)
-        self.sm_copy_max_bytes = SM_COPY_MAX_BYTES
+        self.sm_copy_max_bytes = SM_COPY_MAX_BYTES  # client: SM kernel up to this, copy engine above
+        self.pack_sm_max_bytes = PACK_SM_MAX_BYTES  # server: pack on SMs up to this, copy engine above
         self.min_chunk_bytes = MIN_CHUNK_BYTES
+        self.pull = False  # client, across GPUs: copy on our own GPU (pull) instead of the exporter's (push)
+        self.profile: tuple[float, float] = (0.0, 0.0)  # client: seconds to enqueue, seconds waiting
         self._slots: dict[int, _Slot] = {}
         self._busy: set[int] = set()
         self._events: list[list[torch.cuda.Event]] = []
         self._gen = 0
         self._peer: int | None = None  # client: torch ordinal of the server's GPU here
         self._stream: torch.cuda.Stream | None = None  # client: copy stream on the server's GPU
+        self._own_stream: torch.cuda.Stream | None = None  # client: copy stream on our GPU (pull)
         self.closed = False
 
     @staticmethod
@@ -155,8 +163,9 @@ class CudaIpcTransport:
                 else t.to(f"cuda:{self.index}").contiguous() for t in srcs]
         with torch.cuda.device(self.index):
             stream = torch.cuda.current_stream()
+            use_sm = native.HAS_NATIVE and total <= self.pack_sm_max_bytes
             for k, ranges in enumerate(chunk_ranges(metas, chunk, n)):
-                if native.HAS_NATIVE:
+                if use_sm:
                     native.copy_list([(srcs[i].data_ptr() + a, s.ptr + metas[i].offset + a, b - a)
                                       for i, a, b in ranges], stream)
                 else:
@@ -206,8 +215,9 @@ class CudaIpcTransport:
                 cupy.cuda.runtime.free(s.ptr)
         else:  # close under the exporting GPU's context, where it was opened
             with cupy.cuda.Device(self._peer):
-                if self._stream is not None:
-                    self._stream.synchronize()  # no copy may still read from it
+                for st in (self._stream, self._own_stream):
+                    if st is not None:
+                        st.synchronize()  # no copy may still read from it
                 cupy.cuda.runtime.ipcCloseMemHandle(s.ptr)
 
     def release(self, slot: int) -> None:
@@ -229,6 +239,7 @@ class CudaIpcTransport:
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolMismatch(f"cuda_ipc offer has malformed event handles: {e}") from None
         self._stream = torch.cuda.Stream(device)
+        self._own_stream = torch.cuda.Stream(torch.device("cuda", self.index))
         if peer != self.index:  # let both GPUs reach each other (copy engine and the push kernel)
             _enable_peer_access(peer, self.index)
 
@@ -244,21 +255,37 @@ class CudaIpcTransport:
             for k in range(n):
                 cur.wait_event(events[k])
             return {m.name: from_bytes(s.buf, m) for m in metas}
+        t0 = time.perf_counter()
         outs = [torch.empty(m.shape, dtype=m.torch_dtype, device=f"cuda:{self.index}") for m in metas]
         total = max((m.offset + m.nbytes for m in metas), default=0)
         use_sm = native.HAS_NATIVE and total <= self.sm_copy_max_bytes
-        stream = self._stream
+        pull = self.pull and self._peer != self.index
+        chunks = [[(s.ptr + metas[i].offset + a, outs[i].data_ptr() + a, b - a) for i, a, b in ranges]
+                  for ranges in chunk_ranges(metas, chunk, n)]
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.index))  # outputs' memory is free on our stream
-        with torch.cuda.device(self._peer):
-            stream.wait_event(ready)
-            for k, ranges in enumerate(chunk_ranges(metas, chunk, n)):
-                stream.wait_event(events[k])  # the exporting GPU's stream waits on its IPC event
-                entries = [(s.ptr + metas[i].offset + a, outs[i].data_ptr() + a, b - a) for i, a, b in ranges]
-                _copy(entries, stream, use_sm)
-            done = torch.cuda.Event()
-            done.record(stream)
+        marks = [torch.cuda.Event() for _ in range(n)] if pull else []
+        with torch.cuda.device(self._peer):  # the exporting GPU's stream waits on its IPC events
+            self._stream.wait_event(ready)
+            for k, entries in enumerate(chunks):
+                self._stream.wait_event(events[k])
+                if pull:
+                    marks[k].record(self._stream)  # a local event: our GPU may wait on it safely
+                else:
+                    _copy(entries, self._stream, use_sm)
+        stream = self._stream
+        if pull:
+            stream = self._own_stream
+            with torch.cuda.device(self.index):
+                stream.wait_event(ready)
+                for k, entries in enumerate(chunks):
+                    stream.wait_event(marks[k])
+                    _copy(entries, stream, use_sm)
+        done = torch.cuda.Event()
+        done.record(stream)
+        t1 = time.perf_counter()
         _wait(done, self.ctx.transfer_timeout_s, f"cuda_ipc copy of {total} bytes out of slot {slot}")
+        self.profile = (t1 - t0, time.perf_counter() - t1)
         torch.cuda.current_stream(self.index).wait_event(done)
         for o in outs:
             o.record_stream(stream)

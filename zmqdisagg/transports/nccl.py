@@ -378,18 +378,21 @@ class _NcclLink:
     def rendezvous(self) -> dict[str, Any]:
         from cupy.cuda import nccl
 
-        return {"uid": bytes(b & 0xFF for b in nccl.get_unique_id()).hex()}
+        uid = nccl.get_unique_id()  # bytes in cupy >= 13, a tuple of chars before
+        return {"uid": (uid if isinstance(uid, bytes) else bytes(b & 0xFF for b in uid)).hex()}
 
     def join(self, rank: int, offer: Mapping[str, Any]) -> None:
         import cupy
         from cupy.cuda import nccl
 
         raw = bytes.fromhex(str(offer["uid"]))
-        uid = tuple(b - 256 if b > 127 else b for b in raw)  # ncclUniqueId is a char[128]
         torch.cuda.set_device(self.device)
         t0 = time.perf_counter()
         with cupy.cuda.Device(self.device.index):
-            comm = nccl.NcclCommunicator(2, uid, rank)
+            try:
+                comm = nccl.NcclCommunicator(2, raw, rank)
+            except TypeError:  # older cupy: a tuple of signed chars
+                comm = nccl.NcclCommunicator(2, tuple(b - 256 if b > 127 else b for b in raw), rank)
         if self._aborted:
             comm.abort()
             raise TransportUnavailable("connection closed while joining")
