@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# One CPU thread per process: the suite runs servers and clients side by side on 2 cores, and equal
+# thread counts keep CPU kernels' summation order, hence bitwise equality, the same in every process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 SHM_DIR = "/dev/shm"
 

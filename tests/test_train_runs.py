@@ -58,6 +58,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     return read_metrics(cfg.output_dir) + read_metrics(cfg.output_dir, "eval")
 
 
+LOSS = 2  # index of "loss" in a row of numbers(): kind, step, then the sorted keys acc_*, loss, loss_*
+
+
 def numbers(rows: list[dict]) -> list[tuple]:
     """Everything that must match bit for bit: step, loss, loss_i, acc_i of train and eval records."""
     keys = sorted(k for k in rows[0] if k == "loss" or k.startswith(("loss_", "acc_")))
@@ -83,6 +86,15 @@ def test_resume_from_a_mid_run_checkpoint_continues_exactly(workdir, baseline):
     shutil.rmtree(checkpoint.checkpoint_dir(cfg.output_dir, 50))  # as if the run had died after step 25
     assert checkpoint.latest(cfg.output_dir).name == "step_00000025"
     assert numbers(train(cfg.replace(resume=True))) == baseline
+
+
+@pytest.mark.parametrize("teacher, rtol", [("target_p_fp32", 1e-4), ("target_p_bf16", 2e-2)])
+def test_server_side_target_p_teaches_the_same_thing(workdir, baseline, teacher, rtol):
+    """The server's softmax over the draft-vocab logits equals the trainer's, up to rounding (and bf16)."""
+    rows = train(tiny(workdir, f"teacher-{teacher}", teacher=teacher))
+    got = [r["loss"] for r in rows if r["kind"] == "train"]
+    want = [row[LOSS] for row in baseline if row[0] == "train"]
+    assert got == pytest.approx(want, rel=rtol) and got != want or teacher == "target_p_fp32"
 
 
 @pytest.mark.parametrize("transport", ["inline", "shm"])

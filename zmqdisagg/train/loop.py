@@ -49,11 +49,6 @@ from zmqdisagg.train.vocab import load_vocab_mapping
 logger = logging.getLogger(__name__)
 
 
-def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    return torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-
-
 class Trainer:
     """Build with a ``TrainConfig``, call ``run()``, always ``close()``."""
 
@@ -63,10 +58,10 @@ class Trainer:
         self._closed = False
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        self.dist = distributed.init_distributed(device_type)
+        cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        self.dist = distributed.init_distributed("cuda" if cuda else "cpu")
         self._stack.callback(distributed.close, self.dist)
-        self.device = pick_device(cfg, self.dist.local_rank)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if cuda else "cpu")
         try:
             self._build()
         except BaseException:
@@ -229,8 +224,8 @@ class Trainer:
                  model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = teacher_inputs(batch, outputs, self.lm_head_rows)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return (model or self.model)(inputs["input_ids"], inputs["aux_hidden"], inputs["target_p"], inputs["valid"],
-                              float(denom))
+            return (model or self.model)(inputs["input_ids"], inputs["aux_hidden"], inputs["target_p"],
+                                         inputs["valid"], float(denom))
 
     def _no_sync(self, skip: bool) -> Any:
         return self.model.no_sync() if skip and self.dist.world_size > 1 else contextlib.nullcontext()
