@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 
@@ -42,9 +43,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_dead_server_gives_peer_timeout_within_the_deadline():
+@pytest.mark.parametrize("transport", ["inline", "shm"])
+def test_dead_server_gives_peer_timeout_within_the_deadline(transport):
     srv = start_server(MODEL)
-    cfg = ClientConfig(transport="shm", attempt_timeout_s=0.5, request_timeout_s=2.0)
+    cfg = ClientConfig(transport=transport, attempt_timeout_s=0.5, request_timeout_s=2.0)
     remote = RemoteTarget([srv.address], cfg)
     try:
         remote.eagle3(_batch())
@@ -164,3 +166,19 @@ def test_segments_are_private_and_stale_ones_are_swept():
     assert _segments(dead.proc.pid), "a SIGKILLed server cannot unlink its own segments"
     with spawn_server(MODEL):
         assert not _segments(dead.proc.pid), "a new server sweeps segments of dead servers"
+
+
+def test_server_stopped_past_the_lease_recovers_after_sigcont():
+    """SIGSTOP longer than the lease: on SIGCONT the server has forgotten the client (or replays its
+    queued retry); either way the client gets the right answer without losing its request."""
+    with spawn_server(MODEL, extra=("--lease-s", "1.5")) as srv:
+        cfg = ClientConfig(transport="shm", attempt_timeout_s=1.0, request_timeout_s=30.0)
+        with RemoteTarget([srv.address], cfg) as remote:
+            want = remote.eagle3(_batch(9))
+            os.kill(srv.proc.pid, signal.SIGSTOP)
+            timer = threading.Timer(3.0, os.kill, args=(srv.proc.pid, signal.SIGCONT))
+            timer.start()
+            got = remote.eagle3(_batch(9))
+            timer.join()
+            assert all(torch.equal(got[k], want[k]) for k in want)
+            assert any("expired" in line for line in srv.log) or remote._servers[0]._lanes[0].retries
