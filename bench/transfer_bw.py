@@ -496,11 +496,13 @@ def plot(report: dict[str, Any], path: str) -> None:
         print("matplotlib missing: no plot")
         return
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name, res in report["results"].items():
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, res) in enumerate(report["results"].items()):
         rows = res.get("rows", [])
         if rows:
             style = "--" if name.startswith("raw") else "-"
-            ax.plot([r["size"] for r in rows], [r["gbps"] for r in rows], style, marker="o", ms=3, label=name)
+            ax.plot([r["size"] for r in rows], [r["gbps"] for r in rows], style, marker="o", ms=3, label=name,
+                    color=colors[i % len(colors)])
     if report["peak_gbps"]:
         ax.axhline(report["peak_gbps"], color="grey", lw=0.8, ls=":", label="nominal link peak")
     ax.set_xscale("log", base=2)
@@ -509,7 +511,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     ax.set_ylabel("GB/s (p50, client data-plane time)")
     ax.set_title(f"zmqdisagg transfer bandwidth — {report['machine']['machine']}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -524,10 +526,9 @@ def main() -> None:
     p.add_argument("--server-transports", default=None,
                    help="transports for the server path (default: all of --transports)")
     p.add_argument("--ipc-variants", default=";".join([
-        'cuda_ipc/pull-ce={"client": {"pull": true, "sm_copy_max_bytes": 0}}',
-        'cuda_ipc/pull-sm={"client": {"pull": true, "sm_copy_max_bytes": 1099511627776}}',
-        'cuda_ipc/push-ce={"client": {"sm_copy_max_bytes": 0}}',
-        'cuda_ipc/pull-ce-cepack={"client": {"pull": true, "sm_copy_max_bytes": 0}, "server": {"pack_sm_max_bytes": 0}}',
+        'cuda_ipc/push={"client": {"pull": false}}',
+        'cuda_ipc/ce-only={"client": {"sm_copy_max_bytes": 0}}',
+        'cuda_ipc/ce-pack={"client": {"sm_copy_max_bytes": 0}, "server": {"pack_sm_max_bytes": 0}}',
         'cuda_ipc/nochunk={"server": {"min_chunk_bytes": 17179869184}}',
         'cuda_ipc/same-gpu={"client_device": "cuda:0"}']),
         help="NAME=JSON knob sets for extra cuda_ipc runs, ';'-separated (empty: none)")

@@ -94,7 +94,7 @@ def test_resume_from_a_mid_run_checkpoint_continues_exactly(workdir, baseline):
     assert numbers(train(cfg.replace(resume=True))) == baseline
 
 
-@pytest.mark.parametrize("teacher, rtol", [("target_p_fp32", 1e-4), ("target_p_bf16", 2e-2)])
+@pytest.mark.parametrize("teacher, rtol", [("target_p_fp32", 1e-4), ("target_p_bf16", 2e-3)])
 def test_server_side_target_p_teaches_the_same_thing(workdir, baseline_rows, teacher, rtol):
     """The target's softmax over the draft-vocab logits equals the trainer's, up to rounding (and bf16)."""
     rows = train(tiny(workdir, f"teacher-{teacher}", teacher=teacher))
@@ -175,8 +175,8 @@ def test_the_draft_learns_the_demo_target(workdir):
     """On the demo data and target, loss falls and acc_0 rises far above its start.
 
     Thresholds come from the run recorded in docs/training.md ("learning test"): the first three steps
-    average loss LS / acc_0 AS; the final eval reaches loss LE (the soft cross-entropy cannot go below
-    the teacher's entropy) / acc_0 AE.
+    average loss 9.98 / acc_0 0.057; the final eval reaches loss 4.93 (the soft cross-entropy cannot go
+    below this weakly trained teacher's entropy) / acc_0 0.870.
     """
     rows = train(tiny(workdir, "learn", max_steps=120, eval_every=40, save_every=0, eval_samples=32, batch_size=8))
     start = [r for r in rows if r["kind"] == "train"][:3]

@@ -247,8 +247,8 @@ class Trainer:
         requests = (TargetBatch(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in collated)
         denom = max(self.ds.token_counts(self.eval_idx)[1], 1)
         sums = torch.zeros(2 + 3 * cfg.ttt_length, dtype=torch.float64, device=self.device)
-        for batch, (outputs, _) in zip(collated, self.prefetcher.run(requests)):
-            loss, stats = self._forward(batch, outputs, denom, self.objective)
+        for i, (outputs, _) in enumerate(self.prefetcher.run(requests)):
+            loss, stats = self._forward(collated[i], outputs, denom, self.objective)
             sums[0] += loss.double()
             sums[2:] += stats.flatten()
         distributed.all_reduce_sum(sums, self.dist)

@@ -40,12 +40,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from zmqdisagg.errors import PeerTimeout, ProtocolMismatch, TransportUnavailable
+from zmqdisagg.native.nccl_comm import CLIENT_RANK, SERVER_RANK, NcclPair, nccl_missing
 from zmqdisagg.protocol.tensor_meta import TensorMeta, as_bytes, from_bytes, layout
 from zmqdisagg.transports.base import Delivery, TransportContext
 
 logger = logging.getLogger(__name__)
 
-SERVER_RANK, CLIENT_RANK = 0, 1
 JOIN_TIMEOUT_S = 60.0  # joining waits for the client's handshake, so it gets more than one transfer
 WATCHDOG_PERIOD_S = 0.05
 
@@ -123,11 +123,11 @@ class NcclTransport:
         self.ctx = ctx
         self.device = torch.device(ctx.device)
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if self.backend == "nccl" and (why := _nccl_missing()):
+        if self.backend == "nccl" and (why := nccl_missing()):
             raise TransportUnavailable(f"nccl transport on {ctx.device}: {why}")
         self._rank = SERVER_RANK if ctx.role == "server" else CLIENT_RANK
         self._worker = _Worker(f"zmqdisagg-nccl-{ctx.connection_id[:12]}")
-        self._link: _GlooLink | _NcclLink | None = None
+        self._link: _GlooLink | NcclPair | None = None
         self._joined: Future | None = None
         self._inflight: list[_Transfer] = []
         self._lock = threading.Lock()
@@ -150,7 +150,7 @@ class NcclTransport:
     def offer(self) -> dict[str, Any]:
         """Server: create the rendezvous and start joining it on the worker thread."""
         self._require_role("server")
-        link = _NcclLink(self.device) if self.backend == "nccl" else _GlooLink(self.ctx)
+        link = NcclPair(self.device) if self.backend == "nccl" else _GlooLink(self.ctx)
         offer = {"backend": self.backend, **link.rendezvous()}
         self._link = link
         self._joined = self._worker.submit(link.join, SERVER_RANK, offer)
@@ -164,7 +164,7 @@ class NcclTransport:
             raise TransportUnavailable(
                 f"server's nccl transport runs {backend} but this client's tensors are on {self.ctx.device}; "
                 "put both sides on GPU (NCCL) or both on CPU (gloo), or pick another transport")
-        self._link = _NcclLink(self.device) if backend == "nccl" else _GlooLink(self.ctx)
+        self._link = NcclPair(self.device) if backend == "nccl" else _GlooLink(self.ctx)
         self._joined = self._worker.submit(self._link.join, CLIENT_RANK, dict(offer))
         try:
             self._joined.result(timeout=self.ctx.transfer_timeout_s)
@@ -356,99 +356,6 @@ def _pack_cpu(tensors: Sequence[torch.Tensor], metas: Sequence[TensorMeta]) -> t
     for t, m in zip(tensors, metas):
         buf[m.offset:m.offset + m.nbytes].copy_(as_bytes(t.cpu()))
     return buf
-
-
-def _nccl_missing() -> str | None:
-    try:
-        from cupy.cuda import nccl  # noqa: F401
-    except Exception as e:  # ImportError, or cupy built without NCCL
-        return f"cupy with NCCL is not importable ({e}); install cupy-cuda12x/13x"
-    return None
-
-
-class _NcclLink:
-    """A cupy ``NcclCommunicator`` of two ranks and its dedicated stream."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-        self.stream = torch.cuda.Stream(self.device)
-        self.comm: Any = None
-        self._aborted = False
-
-    def rendezvous(self) -> dict[str, Any]:
-        from cupy.cuda import nccl
-
-        uid = nccl.get_unique_id()  # bytes in cupy >= 13, a tuple of chars before
-        return {"uid": (uid if isinstance(uid, bytes) else bytes(b & 0xFF for b in uid)).hex()}
-
-    def join(self, rank: int, offer: Mapping[str, Any]) -> None:
-        import cupy
-        from cupy.cuda import nccl
-
-        raw = bytes.fromhex(str(offer["uid"]))
-        torch.cuda.set_device(self.device)
-        t0 = time.perf_counter()
-        with cupy.cuda.Device(self.device.index):
-            try:
-                comm = nccl.NcclCommunicator(2, raw, rank)
-            except TypeError:  # older cupy: a tuple of signed chars
-                comm = nccl.NcclCommunicator(2, tuple(b - 256 if b > 127 else b for b in raw), rank)
-        if self._aborted:
-            comm.abort()
-            raise TransportUnavailable("connection closed while joining")
-        self.comm = comm
-        logger.info("nccl communicator rank %d on %s ready in %.0f ms", rank, self.device,
-                    (time.perf_counter() - t0) * 1e3)
-
-    def _group(self, tensors: Sequence[torch.Tensor], ready: torch.cuda.Event, send: bool) -> Callable[[], bool]:
-        from cupy.cuda import nccl
-
-        peer = CLIENT_RANK if send else SERVER_RANK
-        with torch.cuda.device(self.device):
-            self.stream.wait_event(ready)
-            nccl.groupStart()
-            try:
-                for t in tensors:
-                    n = t.numel() * t.element_size()
-                    if n:
-                        op = self.comm.send if send else self.comm.recv
-                        op(t.data_ptr(), n, nccl.NCCL_UINT8, peer, self.stream.cuda_stream)
-            finally:
-                nccl.groupEnd()
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        for t in tensors:
-            t.record_stream(self.stream)
-
-        def check() -> bool:
-            if done.query():
-                return True
-            self.comm.check_async_error()
-            return False
-
-        return check
-
-    def send(self, tensors: Sequence[torch.Tensor], ready: torch.cuda.Event) -> Callable[[], bool]:
-        return self._group(tensors, ready, send=True)
-
-    def recv(self, tensors: Sequence[torch.Tensor], ready: torch.cuda.Event) -> Callable[[], bool]:
-        return self._group(tensors, ready, send=False)
-
-    def abort(self) -> None:
-        self._aborted = True
-        comm, self.comm = self.comm, None
-        if comm is not None:  # ncclCommAbort can itself stall on old NCCL: never let it hold us
-            t = threading.Thread(target=comm.abort, daemon=True, name="zmqdisagg-nccl-abort")
-            t.start()
-            t.join(5.0)
-
-    def close(self, abort: bool) -> None:
-        if abort or self.comm is None:
-            self.abort()
-            return
-        comm, self.comm = self.comm, None
-        self.stream.synchronize()
-        comm.destroy()
 
 
 class _GlooLink:
