@@ -8,7 +8,6 @@ mid-run), on the prefetch depth, or on an interruption and ``--resume``.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import yaml
 
 from zmqdisagg.client.remote import RemoteTarget
 from zmqdisagg.config import ClientConfig
+from zmqdisagg.errors import NoServerAvailable
 from zmqdisagg.server.spawn import spawn_server
 from zmqdisagg.train import checkpoint
 from zmqdisagg.train.config import TrainConfig
@@ -86,12 +86,20 @@ def test_prefetch_depth_does_not_change_losses(workdir, baseline, depth):
     assert numbers(train(tiny(workdir, f"local-depth{depth}", prefetch_depth=depth))) == baseline
 
 
-def test_resume_from_a_mid_run_checkpoint_continues_exactly(workdir, baseline):
-    cfg = tiny(workdir, "resume")
-    train(cfg)
-    shutil.rmtree(checkpoint.checkpoint_dir(cfg.output_dir, 50))  # as if the run had died after step 25
-    assert checkpoint.latest(cfg.output_dir).name == "step_00000025"
-    assert numbers(train(cfg.replace(resume=True))) == baseline
+def test_losing_every_server_then_resume_continues_exactly(workdir, baseline, monkeypatch):
+    """The only server dies after step 30: the run stops with NoServerAvailable, and ``--resume`` (here
+    co-located) continues from the step-25 checkpoint with the losses of an uninterrupted run."""
+    monkeypatch.setenv("ZMQDISAGG_ATTEMPT_TIMEOUT_S", "2")
+    monkeypatch.setenv("ZMQDISAGG_REQUEST_TIMEOUT_S", "3")
+    with spawn_server(str(workdir / "target"), transport="inline") as server:
+        cfg = tiny(workdir, "crash", target="remote", servers=(server.address,), transport="inline",
+                   prefetch_depth=1)
+        threading.Thread(target=_kill_after_step, args=(cfg.output_dir, 30, server), daemon=True).start()
+        with pytest.raises(NoServerAvailable):
+            train(cfg)
+    assert len(read_metrics(cfg.output_dir)) >= 30 and checkpoint.latest(cfg.output_dir).name == "step_00000025"
+    resumed = cfg.replace(target="local", servers=(), transport=None, resume=True)
+    assert numbers(train(resumed)) == baseline
 
 
 @pytest.mark.parametrize("teacher, rtol", [("target_p_fp32", 1e-4), ("target_p_bf16", 2e-3)])
