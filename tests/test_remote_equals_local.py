@@ -51,7 +51,7 @@ def test_remote_equals_local_bitwise(local_and_config, endpoint, tmp_path):
     config, local = local_and_config
     bind = "tcp://127.0.0.1:*" if endpoint == "tcp" else f"ipc://{tmp_path}/serve.sock"
     with spawn_server(config, bind=bind) as srv:
-        for transport in ("inline", "shm"):
+        for transport in ("inline", "shm", "nccl"):  # nccl runs over gloo for CPU tensors
             with RemoteTarget([srv.address], ClientConfig(transport=transport)) as remote:
                 assert remote.transports[srv.address] == transport
                 vocab = remote.info().vocab_size

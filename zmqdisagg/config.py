@@ -87,6 +87,7 @@ class ClientConfig:
     attempt_timeout_s: float = field(default_factory=lambda: envs.ZMQDISAGG_ATTEMPT_TIMEOUT_S)
     request_timeout_s: float = field(default_factory=lambda: envs.ZMQDISAGG_REQUEST_TIMEOUT_S)
     connect_timeout_s: float = 30.0  # handshake deadline per server
+    transfer_timeout_s: float = field(default_factory=lambda: envs.ZMQDISAGG_TRANSFER_TIMEOUT_S)  # one transfer
     max_lanes: int = 8  # most requests in flight per server
     curve_server_key: str | None = None  # the server's public NAME.key file (enables CURVE)
     curve_client_key: str | None = None  # this client's NAME.key_secret file

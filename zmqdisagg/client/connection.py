@@ -23,7 +23,7 @@ import zmq
 
 from zmqdisagg import transports
 from zmqdisagg.config import ClientConfig
-from zmqdisagg.errors import ProtocolMismatch, TransportUnavailable, UnknownClient
+from zmqdisagg.errors import PeerTimeout, ProtocolMismatch, TransportUnavailable, UnknownClient
 from zmqdisagg.client.lane import Lane
 from zmqdisagg.protocol import messages as m
 from zmqdisagg.protocol.codec import tensor_frames
@@ -31,6 +31,7 @@ from zmqdisagg.protocol.messages import Header, trial_pattern
 from zmqdisagg.target.types import ModelInfo
 from zmqdisagg.topology import local_identity
 from zmqdisagg.transports.base import TransportContext
+from zmqdisagg.transports.select import Identity, verdicts
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ServerConnection:
         self.info: ModelInfo | None = None
         self.in_flight = 0
         self.closed = False
+        self.identity = local_identity(config.device, transports.available())
         try:
             self.handshake()
         except BaseException:
@@ -67,17 +69,24 @@ class ServerConnection:
     def handshake(self) -> None:
         """Say hello, pick and verify a transport, and replay any configuration."""
         with self._handshake_lock:
-            excluded: list[str] = []
+            excluded: set[str] = set()
             while True:
-                reply = self._plain(m.HELLO, self._hello_body(excluded), timeout_s=self.config.connect_timeout_s)
-                name = str(reply.body["transport"])
+                reply = self._plain(m.HELLO, self._hello_body(sorted(excluded)),
+                                    timeout_s=self.config.connect_timeout_s)
+                name, server = str(reply.body["transport"]), Identity.from_wire(reply.body["identity"])
+                known_bad = verdicts.excluded(server, self.identity) - excluded
+                if name in known_bad and not self.config.transport:
+                    excluded |= known_bad  # this GPU pair failed that trial before: skip it at once
+                    continue
                 try:
                     self._attach(name, reply.body)
+                    verdicts.record(server, self.identity, name, True)
                     break
-                except (TransportUnavailable, ProtocolMismatch) as e:
+                except (TransportUnavailable, ProtocolMismatch, PeerTimeout) as e:
+                    verdicts.record(server, self.identity, name, False, str(e))
                     logger.warning("transport %s to %s failed its trial (%s); trying the next one",
                                    name, self.address, e)
-                    excluded.append(name)
+                    excluded.add(name)
                     if self.config.transport:
                         raise
             self.info = ModelInfo.from_wire(reply.body["info"])
@@ -86,15 +95,14 @@ class ServerConnection:
                 self._call(m.CONFIGURE, *self._configured_request())
 
     def _hello_body(self, excluded: list[str]) -> dict[str, Any]:
-        offered = transports.available()
-        identity = local_identity(self.config.device, offered)
-        return {"identity": identity.to_wire(), "exclude": excluded, "transport": self.config.transport}
+        return {"identity": self.identity.to_wire(), "exclude": excluded, "transport": self.config.transport}
 
     def _attach(self, name: str, body: Mapping[str, Any]) -> None:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
-        ctx = TransportContext(role="client", connection_id=self.client_id, device=self.config.device)
+        ctx = TransportContext(role="client", connection_id=self.client_id, device=self.config.device,
+                               transfer_timeout_s=self.config.transfer_timeout_s)
         transport = transports.create(name, ctx)
         transport.accept(body.get("offer") or {})
         self.transport, self.transport_name = transport, name
