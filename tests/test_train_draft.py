@@ -65,14 +65,19 @@ def test_teacher_inputs_align_step_zero_with_the_next_target_position():
     assert shift_left(torch.arange(4)[None], 9).tolist() == [[0, 0, 0, 0]]
 
 
-def test_single_step_loss_is_masked_soft_cross_entropy_over_global_tokens():
-    draft = _draft()
-    g = torch.Generator().manual_seed(1)
-    b, s = 2, 5
+def _inputs(seed: int, b: int, s: int, keep: float) -> tuple[torch.Tensor, ...]:
+    """Random draft inputs: token ids, aux hidden, a teacher distribution, and ``keep`` of positions valid."""
+    g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, CFG.vocab_size, (b, s), generator=g)
     aux = torch.randn(b, s, 3 * CFG.hidden_size, generator=g, dtype=torch.float64)
     p = torch.rand(b, s, CFG.draft_vocab_size, generator=g, dtype=torch.float64).softmax(-1)
-    valid = torch.rand(b, s, generator=g) < 0.6
+    return ids, aux, p, torch.rand(b, s, generator=g) < keep
+
+
+def test_single_step_loss_is_masked_soft_cross_entropy_over_global_tokens():
+    draft = _draft()
+    s = 5
+    ids, aux, p, valid = _inputs(1, 2, s, keep=0.6)
     loss, stats = Eagle3Objective(draft, ttt_length=1, step_decay=0.8)(ids, aux, p, valid, 7.0)
     logits = draft.logits(draft.step(ids, draft.fc(aux), torch.arange(s), []))
     ce = -(p * logits.log_softmax(-1)).sum(-1)
@@ -83,12 +88,8 @@ def test_single_step_loss_is_masked_soft_cross_entropy_over_global_tokens():
 
 def test_ttt_weights_steps_and_trains_only_the_draft():
     draft = _draft()
-    g = torch.Generator().manual_seed(2)
-    b, s, n = 2, 6, 3
-    ids = torch.randint(0, CFG.vocab_size, (b, s), generator=g)
-    aux = torch.randn(b, s, 3 * CFG.hidden_size, generator=g, dtype=torch.float64)
-    p = torch.rand(b, s, CFG.draft_vocab_size, generator=g, dtype=torch.float64).softmax(-1)
-    valid = torch.ones(b, s, dtype=torch.bool)
+    n = 3
+    ids, aux, p, valid = _inputs(2, 2, 6, keep=1.0)
     loss, stats = Eagle3Objective(draft, ttt_length=n, step_decay=0.5)(ids, aux, p, valid, 4.0)
     weighted = sum(0.5 ** i * stats[i, 0] for i in range(n)) / 4.0
     torch.testing.assert_close(loss.double(), weighted, rtol=1e-6, atol=0)
@@ -99,12 +100,7 @@ def test_ttt_weights_steps_and_trains_only_the_draft():
 
 
 def test_micro_batches_sum_to_the_full_batch_gradient():
-    g = torch.Generator().manual_seed(3)
-    b, s = 4, 6
-    ids = torch.randint(0, CFG.vocab_size, (b, s), generator=g)
-    aux = torch.randn(b, s, 3 * CFG.hidden_size, generator=g, dtype=torch.float64)
-    p = torch.rand(b, s, CFG.draft_vocab_size, generator=g, dtype=torch.float64).softmax(-1)
-    valid = torch.rand(b, s, generator=g) < 0.7
+    ids, aux, p, valid = _inputs(3, 4, 6, keep=0.7)
     full, halves = _draft(), _draft()
     Eagle3Objective(full, 3, 0.8)(ids, aux, p, valid, 20.0)[0].backward()
     objective = Eagle3Objective(halves, 3, 0.8)

@@ -58,6 +58,9 @@ class ServeConfig:
     insecure: bool = False  # --insecure: allow a non-loopback bind without authentication
     curve_secret_key: str | None = None  # --curve-secret-key: the server's NAME.key_secret file
     curve_authorized_dir: str | None = None  # --curve-authorized-dir: public keys of admitted clients
+    tp: int = 1  # --tp: tensor-parallel ranks serving this target (rank 0 owns the socket)
+    tp_timeout_s: float = 60.0  # --tp-timeout-s: deadline of one collective between the ranks
+    batch_tokens: int = 0  # --batch-tokens: pack queued requests into forwards of at most this many tokens (0: off)
 
     def __post_init__(self) -> None:
         check_address(self.bind, "--bind")
@@ -65,11 +68,15 @@ class ServeConfig:
             raise ConfigError(f"--dtype={self.dtype!r} must be one of {_DTYPES}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"--device={self.device!r} must be cpu, cuda or cuda:N")
-        for name in ("lease_s", "transfer_timeout_s"):
+        for name in ("lease_s", "transfer_timeout_s", "tp_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         if self.max_slots < 1 or self.max_tokens < 1:
             raise ConfigError("--max-slots and --max-tokens must be at least 1")
+        if self.tp < 1:
+            raise ConfigError(f"--tp={self.tp} must be at least 1 (1: no tensor parallelism)")
+        if self.batch_tokens < 0:
+            raise ConfigError(f"--batch-tokens={self.batch_tokens} must be 0 (off) or a positive token budget")
         if bool(self.curve_secret_key) != bool(self.curve_authorized_dir):
             raise ConfigError("--curve-secret-key and --curve-authorized-dir go together; pass both or neither")
         if not is_loopback(self.bind) and not (self.insecure or self.curve_secret_key):

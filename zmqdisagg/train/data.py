@@ -82,6 +82,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{line_no} is not valid JSON ({e})") from e
+            if not isinstance(rec, dict):
+                raise ConfigError(f"{path}:{line_no} must be a JSON object")
             out.append(_normalise_record(rec, f"{path}:{line_no}"))
     return out
 
@@ -94,6 +96,8 @@ def _normalise_record(rec: dict[str, Any], where: str) -> dict[str, Any]:
         raise ConfigError(f"{where} needs a 'conversations' list or a 'text' string")
     msgs = []
     for m in conv:
+        if not isinstance(m, dict):
+            raise ConfigError(f"{where}: each message must be an object with role/content, got {m!r}")
         role = _ROLES.get(str(m.get("role", m.get("from", ""))).lower())
         content = m.get("content", m.get("value"))
         if role is None or not isinstance(content, str):
@@ -204,6 +208,8 @@ def load_dataset(data_path: str | Path, tokenizer: Any, max_length: int,
 
     The cache file is written atomically, so ranks that race on it never read a partial file.
     """
+    if not Path(data_path).is_file():
+        raise ConfigError(f"data_path={str(data_path)!r} is not a file; point it at a JSONL file (or set demo_samples)")
     key = cache_key(data_path, tokenizer, max_length)
     path = Path(cache_dir) / "data" / f"{key}.pt"
     if path.exists():
