@@ -22,6 +22,7 @@ from zmqdisagg.config import ClientConfig, check_address
 from zmqdisagg.errors import ConfigError, NoServerAvailable, PeerTimeout
 from zmqdisagg.protocol import messages as m
 from zmqdisagg.target.types import ModelInfo, TargetBatch, TargetSettings
+from zmqdisagg.transports.shm import sweep_stale
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class RemoteTarget:
         self._lock = threading.Lock()
         self._servers: list[ServerConnection] = []
         self._dead: dict[str, str] = {}
+        self._turn = 0  # rotates the tie-break between equally loaded servers
         self.closed = False
         try:
             for address in addresses:
@@ -80,11 +82,14 @@ class RemoteTarget:
         return live
 
     def _pick(self, tried: set[str]) -> ServerConnection:
+        """The live, untried server with the fewest calls in flight; ties rotate between servers."""
         with self._lock:
             candidates = [s for s in self._live() if s.address not in tried]
             if not candidates:
                 raise NoServerAvailable(f"no server left to try; failures: {self._dead}")
-            return min(candidates, key=lambda s: s.in_flight)
+            self._turn += 1
+            n = len(self._servers)
+            return min(candidates, key=lambda s: (s.in_flight, (self._servers.index(s) - self._turn) % n))
 
     def _route(self, call: Any) -> Any:
         tried: set[str] = set()
@@ -101,6 +106,8 @@ class RemoteTarget:
                 last = e
                 with self._lock:
                     self._dead[server.address] = str(e)
+                if server.transport_name == "shm":
+                    sweep_stale()  # a killed server on this host cannot unlink its own segments
                 logger.warning("server %s failed (%s); sending its work to the remaining servers",
                                server.address, e)
 
