@@ -85,3 +85,28 @@ def test_cli_trains_against_a_spawned_server_and_exports(tmp_path):
     assert (out / "checkpoints" / "step_00000004" / "state.pt").exists()
     assert json.loads((out / "export" / "config.json").read_text())["draft_vocab_size"] == 64
     assert any(Path(out, "tensorboard").iterdir())
+
+
+def test_cli_trains_a_dflash_draft_from_the_demo_config_and_exports(tmp_path):
+    """configs/demo-dflash.yaml with small overrides, co-located: metrics, checkpoint, export, TensorBoard."""
+    data = write_demo_jsonl(tmp_path / "demo.jsonl", 60, seed=1)
+    out = tmp_path / "run"
+    overrides = {"model": "configs/tiny-llama.json", "demo_target_steps": 0, "data_path": str(data),
+                 "cache_dir": str(tmp_path / "cache"), "max_length": 64, "batch_size": 2, "eval_samples": 4,
+                 "num_anchors": 4, "progress": False}
+    argv = ["--config", "configs/demo-dflash.yaml", "--target", "local", "--spawn-servers", "0", "--max-steps", "3",
+            "--output-dir", str(out)] + [x for k, v in overrides.items() for x in ("--set", f"{k}={v}")]
+    assert main(argv) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert {"loss", "loss_1", "acc_1", "acc_7", "accept_len", "lr", "tokens_per_s"} <= set(rows[0])
+    assert "acc_0" not in rows[0] and read_metrics(out, "eval")[-1]["step"] == 3
+    assert (out / "checkpoints" / "step_00000003" / "state.pt").exists()
+    conf = json.loads((out / "export" / "config.json").read_text())
+    assert conf["architectures"] == ["DFlashDraftModel"] and conf["dflash_config"]["target_layer_ids"] == [1, 5]
+    assert any(Path(out, "tensorboard").iterdir())
+
+
+def test_cli_algorithm_flag():
+    cfg = build_config(parse_args(["--config", "configs/demo-eagle3.yaml", "--algorithm", "dflash"]))
+    assert cfg.algorithm == "dflash" and TrainConfig.from_yaml("configs/demo-dflash.yaml").algorithm == "dflash"

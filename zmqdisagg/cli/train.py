@@ -1,6 +1,7 @@
-"""``zmqdisagg-train``: train an EAGLE3 draft against a local or remote target.
+"""``zmqdisagg-train``: train an EAGLE3 or DFlash draft against a local or remote target.
 
     zmqdisagg-train --config configs/demo-eagle3.yaml
+    zmqdisagg-train --config configs/demo-dflash.yaml
     zmqdisagg-train --config configs/demo-eagle3.yaml --target remote --servers tcp://10.0.0.2:5555
     torchrun --nproc-per-node 2 -m zmqdisagg.cli.train --config configs/demo-eagle3.yaml
 
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="zmqdisagg-train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML file of TrainConfig keys, e.g. configs/demo-eagle3.yaml")
+    p.add_argument("--algorithm", choices=("eagle3", "dflash"), help="which draft to train")
     p.add_argument("--target", choices=("local", "remote"), help="where the target model runs")
     p.add_argument("--servers", help="remote: comma-separated server addresses, tcp://HOST:PORT[,...]")
     p.add_argument("--spawn-servers", type=int, help="remote: start N loopback servers of the model")
@@ -43,9 +45,10 @@ def build_config(args: argparse.Namespace):  # -> TrainConfig (imported lazily: 
     from zmqdisagg.train.config import TrainConfig
 
     implied = "remote" if (args.servers or args.spawn_servers) and args.target is None else None
-    overrides = {"target": args.target or implied, "servers": args.servers, "spawn_servers": args.spawn_servers,
-                 "transport": args.transport, "prefetch_depth": args.prefetch_depth,
-                 "max_steps": args.max_steps, "output_dir": args.output_dir, "resume": args.resume}
+    overrides = {"algorithm": args.algorithm, "target": args.target or implied, "servers": args.servers,
+                 "spawn_servers": args.spawn_servers, "transport": args.transport,
+                 "prefetch_depth": args.prefetch_depth, "max_steps": args.max_steps, "output_dir": args.output_dir,
+                 "resume": args.resume}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(args)
         from zmqdisagg.train.loop import Trainer
+        from zmqdisagg.train.metrics import headline_text
 
         trainer = Trainer(cfg)
     except ConfigError as e:
@@ -68,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = trainer.run()
         if "train" in summary and summary["train"]:
-            logger.info("done: step %d loss %.4f acc_0 %.3f", summary["train"]["step"], summary["train"]["loss"],
-                        summary["train"]["acc_0"])
+            last = summary["train"]
+            logger.info("done: step %d loss %.4f %s", last["step"], last["loss"],
+                        headline_text(last, trainer.algo.headline))
         if "export" in summary:
             logger.info("exported draft to %s", summary["export"])
     except ZmqDisaggError as e:

@@ -8,7 +8,8 @@ Guarantees:
     gets chunks ``r*M .. r*M+M-1``. One process with ``micro_batches = W`` therefore sees the same
     micro-batches, in the same order, as ``W`` ranks with one micro-batch each;
   * the held-out split is a fixed function of ``(n, eval_samples, seed)`` and never overlaps training;
-  * ``collate`` right-pads to the micro-batch's longest sequence (pad id, attention 0, loss mask 0).
+  * ``collate`` right-pads to the micro-batch's longest sequence (pad id, attention 0, loss mask 0) and
+    keeps each row's dataset index (``index``), for anything seeded per sequence (DFlash's anchors).
 """
 
 from __future__ import annotations
@@ -85,4 +86,5 @@ def collate(ds: TokenizedDataset, indices: list[int], pad_id: int) -> dict[str, 
         input_ids[row, :ids.numel()] = ids
         attention[row, :ids.numel()] = 1
         loss_mask[row, :ids.numel()] = mask
-    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask,
+            "index": torch.tensor(indices, dtype=torch.int64)}

@@ -1,4 +1,4 @@
-"""``TrainConfig``: every knob of ``zmqdisagg-train``, validated once, loaded from YAML.
+"""``TrainConfig``: every knob of ``zmqdisagg-train`` (EAGLE3 and DFlash), validated once, loaded from YAML.
 
 Guarantees:
   * a ``TrainConfig`` that exists is valid: ``__post_init__`` checks every field and raises
@@ -23,6 +23,7 @@ import yaml
 from zmqdisagg.errors import ConfigError
 from zmqdisagg.target.types import TEACHER_MODES
 
+ALGORITHMS = ("eagle3", "dflash")
 TARGET_KINDS = ("local", "remote")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
@@ -32,7 +33,12 @@ EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrainConfig:
-    """An EAGLE3 draft-training run. Paths are relative to the working directory."""
+    """A draft-training run. Paths are relative to the working directory.
+
+    Keys marked (eagle3) or (dflash) apply to that ``algorithm`` only; the rest serve both.
+    """
+
+    algorithm: str = "eagle3"  # eagle3 (one layer, TTT, draft vocab) or dflash (block diffusion)
 
     # -- target ------------------------------------------------------------------------------
     model: str = "configs/tiny-llama.json"  # target: HF dir/config json (local target, spawned servers)
@@ -43,8 +49,9 @@ class TrainConfig:
     transport: str | None = None  # remote: force a data-plane transport (inline, shm, ...)
     prefetch_depth: int = 0  # target requests kept in flight ahead of the trainer (0 = synchronous)
     target_dtype: str = "float32"  # local target / spawned servers
-    teacher: str = "hidden"  # hidden: trainer computes target_p; target_p_*: the server ships it
-    aux_layer_ids: tuple[int, ...] | None = None  # None -> the target's default EAGLE3 layers
+    teacher: str = "hidden"  # (eagle3) hidden: trainer computes target_p; target_p_*: the server ships it
+    aux_layer_ids: tuple[int, ...] | None = None  # (eagle3) None -> the target's default EAGLE3 layers
+    dflash_layer_ids: tuple[int, ...] | None = None  # (dflash) None -> default_dflash_layers(N, num_draft_layers)
 
     # -- data --------------------------------------------------------------------------------
     data_path: str = "data/demo-train.jsonl"
@@ -53,11 +60,16 @@ class TrainConfig:
     demo_target_steps: int = 0  # >0: if `model` is missing, train the tiny demo target there first (demo_target.py)
     eval_samples: int = 32  # held out from data_path (deterministic by seed); 0 disables eval
     max_length: int = 256
-    draft_vocab_size: int = 256
+    draft_vocab_size: int = 256  # (eagle3)
 
     # -- draft -------------------------------------------------------------------------------
-    ttt_length: int = 7
-    step_decay: float = 0.8  # TTT step i weighs step_decay ** i
+    ttt_length: int = 7  # (eagle3)
+    step_decay: float = 0.8  # (eagle3) TTT step i weighs step_decay ** i
+    block_size: int = 16  # (dflash) tokens per block: the anchor, then block_size-1 masks
+    num_anchors: int = 512  # (dflash) most blocks per sequence
+    loss_decay_gamma: float | None = None  # (dflash) block position k>0 weighs exp(-(k-1)/gamma); None = 1
+    num_draft_layers: int = 1  # (dflash) decoder layers (eagle3 always has one)
+    mask_token_id: int | None = None  # (dflash) None -> the tokenizer's mask token, else len(tokenizer)
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int | None = None  # None -> hidden_size // num_heads
@@ -106,17 +118,29 @@ class TrainConfig:
             raise ConfigError(f"betas={self.betas} must be two numbers in [0, 1)")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        self._check_dflash()
+
+    def _check_dflash(self) -> None:
+        if self.block_size < 2:
+            raise ConfigError(f"block_size={self.block_size} must be >= 2 (the anchor plus at least one mask)")
+        if self.loss_decay_gamma is not None and self.loss_decay_gamma <= 0:
+            raise ConfigError(f"loss_decay_gamma={self.loss_decay_gamma} must be > 0 (or null for no decay)")
+        if self.mask_token_id is not None and self.mask_token_id < 0:
+            raise ConfigError(f"mask_token_id={self.mask_token_id} must be a token id >= 0")
+        if self.algorithm == "dflash" and self.teacher != "hidden":
+            raise ConfigError(f"teacher={self.teacher!r} applies to algorithm='eagle3' only; DFlash trains on "
+                              "the data's tokens, so leave teacher at 'hidden'")
 
     def _check_choices(self) -> None:
-        for name, choices in (("target", TARGET_KINDS), ("device", DEVICES), ("target_dtype", DTYPES),
-                              ("teacher", TEACHER_MODES), ("export_engine", EXPORT_ENGINES),
-                              ("export_dtype", EXPORT_DTYPES)):
+        for name, choices in (("algorithm", ALGORITHMS), ("target", TARGET_KINDS), ("device", DEVICES),
+                              ("target_dtype", DTYPES), ("teacher", TEACHER_MODES),
+                              ("export_engine", EXPORT_ENGINES), ("export_dtype", EXPORT_DTYPES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {choices}")
 
     def _check_positive(self) -> None:
         for name in ("max_length", "draft_vocab_size", "ttt_length", "num_heads", "num_kv_heads",
-                     "batch_size", "micro_batches", "max_steps"):
+                     "batch_size", "micro_batches", "max_steps", "num_anchors", "num_draft_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("spawn_servers", "prefetch_depth", "demo_samples", "demo_target_steps", "eval_samples",
@@ -167,7 +191,8 @@ class TrainConfig:
 
 _FIELDS = {f.name for f in fields(TrainConfig)}
 _KINDS = {f.name: type(f.default) for f in fields(TrainConfig) if type(f.default) in (int, float, bool, str)}
-_KINDS.update(head_dim=int, intermediate_size=int, tokenizer=str, transport=str, cache_dir=str)
+_KINDS.update(head_dim=int, intermediate_size=int, tokenizer=str, transport=str, cache_dir=str,
+              loss_decay_gamma=float, mask_token_id=int)
 
 
 def _normalise(values: dict[str, Any], source: str) -> dict[str, Any]:

@@ -19,15 +19,24 @@ the *global* batch (all ranks, all micro-batches; known from the data alone, no 
 
 Because every micro-batch divides by the same ``N``, summing micro-batch gradients (by accumulation in
 one process or by a summing all-reduce across ranks) gives the gradient of the global batch's loss.
+
+``Eagle3Algorithm`` is EAGLE3's side of the loop's ``Algorithm`` interface (``algorithm.py``): the draft
+vocab, the target settings, the draft, this objective, its metrics and the SGLang/vLLM export.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zmqdisagg.train.eagle3_draft import Eagle3Draft
+from zmqdisagg.target.types import TargetSettings
+from zmqdisagg.train.algorithm import Setup
+from zmqdisagg.train.eagle3_draft import DraftConfig, Eagle3Draft
+from zmqdisagg.train.export import export_draft
+from zmqdisagg.train.vocab import load_vocab_mapping
 
 
 def shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -92,3 +101,52 @@ class Eagle3Objective(nn.Module):
         loss_sum = (ce * w).sum()
         correct = ((logits.argmax(-1) == target_p.argmax(-1)).float() * w).sum()
         return loss_sum, torch.stack([loss_sum.detach(), correct, w.sum()]).double()
+
+
+class Eagle3Algorithm:
+    """EAGLE3 for the training loop: ``stats`` rows are TTT steps; metrics ``loss_i``/``acc_i``."""
+
+    op = "eagle3"
+    headline = ("acc_0",)
+
+    def __init__(self, setup: Setup) -> None:
+        cfg = self.cfg = setup.cfg
+        self.setup = setup
+        self.stat_rows = cfg.ttt_length
+        self.vocab = load_vocab_mapping(setup.ds, setup.train_idx, setup.info.vocab_size, cfg.draft_vocab_size,
+                                        cfg.resolved_cache_dir, setup.data_key)
+
+    def target_settings(self) -> tuple[TargetSettings, torch.Tensor]:
+        return TargetSettings(aux_layer_ids=self.cfg.aux_layer_ids, teacher=self.cfg.teacher), self.vocab.t2d
+
+    def build(self, settings: TargetSettings, head: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Module]:
+        cfg, info, device = self.cfg, self.setup.info, self.setup.device
+        self.draft_cfg = DraftConfig(
+            hidden_size=info.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim or info.hidden_size // cfg.num_heads,
+            intermediate_size=cfg.intermediate_size or 4 * info.hidden_size, vocab_size=info.vocab_size,
+            draft_vocab_size=cfg.draft_vocab_size, aux_layer_ids=tuple(settings.aux_layer_ids),
+            rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, max_positions=info.max_positions)
+        self.draft = Eagle3Draft(self.draft_cfg).to(device)
+        self.draft.load_target_embedding(head["embed_tokens"].to(device, torch.float32))
+        self.draft.load_vocab(self.vocab.d2t, self.vocab.t2d)
+        self.lm_head_rows = head["lm_head"][self.vocab.t2d.to(head["lm_head"].device)].to(device)
+        return self.draft, Eagle3Objective(self.draft, cfg.ttt_length, cfg.step_decay)
+
+    def denominator(self, indices: list[int], salt: int) -> float:
+        return float(self.setup.ds.token_counts(indices)[1])  # N: loss-mask tokens of the global batch
+
+    def inputs(self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+               salt: int) -> dict[str, torch.Tensor]:
+        return teacher_inputs(batch, outputs, self.lm_head_rows)
+
+    def metrics(self, stats: torch.Tensor, denom: float) -> dict[str, float]:
+        out = {}
+        for i, (loss_sum, correct, count) in enumerate(stats.tolist()):
+            out[f"loss_{i}"] = loss_sum / denom
+            out[f"acc_{i}"] = correct / max(count, 1.0)
+        return out
+
+    def export(self, out_dir: Path) -> Path:
+        cfg = self.cfg
+        return export_draft(self.draft, self.draft_cfg, out_dir, dtype=cfg.export_dtype, engine=cfg.export_engine)

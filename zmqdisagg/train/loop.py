@@ -1,10 +1,13 @@
-"""``Trainer``: the EAGLE3 training loop, the same whether the target is local or remote.
+"""``Trainer``: the draft-training loop for every algorithm, the same whether the target is local or remote.
 
 One optimizer step ``s``:
 
-    global batch(s) --shard--> this rank's micro-batches --Prefetcher--> target.eagle3 (local or remote)
-        for each micro-batch: teacher_inputs -> Eagle3Objective (TTT unroll) -> backward (DDP no_sync but last)
-    clip -> AdamW(lr_at(s)) -> all-reduced metrics -> metrics.jsonl / TensorBoard / tqdm
+    global batch(s) --shard--> this rank's micro-batches --Prefetcher--> target.<algo.op> (local or remote)
+        for each micro-batch: algo.inputs -> objective forward (loss, stats) -> backward (DDP no_sync but last)
+    clip -> AdamW(lr_at(s)) -> all-reduced stats -> algo.metrics -> metrics.jsonl / TensorBoard / tqdm
+
+What differs between EAGLE3 and DFlash (the target op, the draft, the loss, the metrics, the export) is
+behind the ``Algorithm`` interface (``algorithm.py``); everything here serves both.
 
 Steps run in *segments* that end at every eval, checkpoint and the last step; a segment is one
 ``Prefetcher.run``, so no target request is ever in flight across those boundaries.
@@ -32,19 +35,16 @@ import torch
 from zmqdisagg.target.build import load_tokenizer
 from zmqdisagg.target.types import TargetBatch, TargetSettings
 from zmqdisagg.train import checkpoint, distributed
+from zmqdisagg.train.algorithm import EVAL_SALT, Setup, build_algorithm
 from zmqdisagg.train.batching import BatchPlan, collate, eval_micro_batches, split_indices
 from zmqdisagg.train.config import TrainConfig
 from zmqdisagg.train.data import load_dataset
 from zmqdisagg.train.demo_data import write_demo_jsonl
 from zmqdisagg.train.demo_target import train_demo_target
-from zmqdisagg.train.eagle3_draft import DraftConfig, Eagle3Draft
-from zmqdisagg.train.eagle3_loss import Eagle3Objective, teacher_inputs
-from zmqdisagg.train.export import export_draft
 from zmqdisagg.train.metrics import MetricsLog
 from zmqdisagg.train.optim import build_optimizer, clip_grad, lr_at, set_lr
 from zmqdisagg.train.prefetch import Prefetcher
 from zmqdisagg.train.target_setup import open_target
-from zmqdisagg.train.vocab import load_vocab_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -80,17 +80,17 @@ class Trainer:
         self._load_data()
         self.target = open_target(cfg, self.device, self._stack)
         self.info = self.target.info()
-        self.vocab = self._rank0_first(lambda: load_vocab_mapping(
-            self.ds, self.train_idx, self.info.vocab_size, cfg.draft_vocab_size, cfg.resolved_cache_dir,
-            self.data_key))
-        self.settings = self.target.configure(
-            TargetSettings(aux_layer_ids=cfg.aux_layer_ids, teacher=cfg.teacher), self.vocab.t2d)
+        setup = Setup(cfg=cfg, info=self.info, tokenizer=self.tokenizer, ds=self.ds, train_idx=self.train_idx,
+                      data_key=self.data_key, device=self.device)
+        self.algo = self._rank0_first(lambda: build_algorithm(setup))  # rank 0 fills caches (EAGLE3 vocab)
+        self.settings: TargetSettings = self.target.configure(*self.algo.target_settings())
         self._build_draft()
-        self.prefetcher = Prefetcher(self.target, "eagle3", cfg.prefetch_depth)
+        self.prefetcher = Prefetcher(self.target, self.algo.op, cfg.prefetch_depth)
         self._stack.callback(self.prefetcher.close)
         self.start_step = self._maybe_resume()
         self.metrics = MetricsLog(cfg.output_dir, enabled=dist.is_main, total_steps=cfg.max_steps,
-                                  start_step=self.start_step, tensorboard=cfg.tensorboard, progress=cfg.progress)
+                                  start_step=self.start_step, tensorboard=cfg.tensorboard, progress=cfg.progress,
+                                  headline=self.algo.headline)
         self._stack.callback(self.metrics.close)
 
     def _rank0_first(self, fn: Any) -> Any:
@@ -121,23 +121,11 @@ class Trainer:
                     len(self.eval_idx), self.plan.steps_per_epoch)
 
     def _build_draft(self) -> None:
-        cfg, info = self.cfg, self.info
-        head_dim = cfg.head_dim or info.hidden_size // cfg.num_heads
-        self.draft_cfg = DraftConfig(
-            hidden_size=info.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-            head_dim=head_dim, intermediate_size=cfg.intermediate_size or 4 * info.hidden_size,
-            vocab_size=info.vocab_size, draft_vocab_size=cfg.draft_vocab_size,
-            aux_layer_ids=tuple(self.settings.aux_layer_ids), rms_norm_eps=cfg.rms_norm_eps,
-            rope_theta=cfg.rope_theta, max_positions=info.max_positions)
         head = self.target.head_weights()
-        torch.manual_seed(cfg.seed)
-        self.draft = Eagle3Draft(self.draft_cfg).to(self.device)
-        self.draft.load_target_embedding(head["embed_tokens"].to(self.device, torch.float32))
-        self.draft.load_vocab(self.vocab.d2t, self.vocab.t2d)
-        self.lm_head_rows = head["lm_head"][self.vocab.t2d.to(head["lm_head"].device)].to(self.device)
-        self.objective = Eagle3Objective(self.draft, cfg.ttt_length, cfg.step_decay)
+        torch.manual_seed(self.cfg.seed)  # the draft's initial weights are a function of the seed
+        self.draft, self.objective = self.algo.build(self.settings, head)
         self.model = distributed.wrap(self.objective, self.dist)
-        self.optimizer = build_optimizer(self.draft.parameters(), cfg)
+        self.optimizer = build_optimizer(self.draft.parameters(), self.cfg)
 
     def _maybe_resume(self) -> int:
         if not self.cfg.resume:
@@ -162,8 +150,7 @@ class Trainer:
             if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
                 self._save(step)
         if cfg.export and self.dist.is_main:
-            summary["export"] = str(export_draft(self.draft, self.draft_cfg, Path(cfg.output_dir) / "export",
-                                                 dtype=cfg.export_dtype, engine=cfg.export_engine))
+            summary["export"] = str(self.algo.export(Path(cfg.output_dir) / "export"))
         return summary
 
     def _next_boundary(self, step: int) -> int:
@@ -195,15 +182,17 @@ class Trainer:
     def _train_step(self, step: int, results: Iterator, queue: deque) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        tokens, denom = self.ds.token_counts(self.plan.global_batch(step))
-        sums = torch.zeros(2 + 3 * cfg.ttt_length, dtype=torch.float64, device=self.device)
+        global_batch = self.plan.global_batch(step)
+        tokens = self.ds.token_counts(global_batch)[0]
+        denom = max(self.algo.denominator(global_batch, step), 1.0)
+        sums = torch.zeros(2 + 3 * self.algo.stat_rows, dtype=torch.float64, device=self.device)
         wait = 0.0
         for m in range(cfg.micro_batches):
             outputs, waited = next(results)
             wait += waited
             sync = m == cfg.micro_batches - 1
             with self._no_sync(not sync):
-                loss, stats = self._forward(queue.popleft(), outputs, max(denom, 1))
+                loss, stats = self._forward(queue.popleft(), outputs, denom, step)
                 loss.backward()
             sums[0] += loss.detach().double()
             sums[2:] += stats.flatten()
@@ -220,35 +209,28 @@ class Trainer:
                   "train_ms": 1000 * (elapsed - wait), "tokens_per_s": tokens / max(elapsed, 1e-9)}
         return record
 
-    def _forward(self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], denom: int,
-                 model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = teacher_inputs(batch, outputs, self.lm_head_rows)
+    def _forward(self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], denom: float,
+                 salt: int, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self.algo.inputs(batch, outputs, salt)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return (model or self.model)(inputs["input_ids"], inputs["aux_hidden"], inputs["target_p"],
-                                         inputs["valid"], float(denom))
+            return (model or self.model)(**inputs, denom=float(denom))
 
     def _no_sync(self, skip: bool) -> Any:
         return self.model.no_sync() if skip and self.dist.world_size > 1 else contextlib.nullcontext()
 
-    def _step_metrics(self, sums: torch.Tensor, denom: int) -> dict[str, float]:
-        stats = sums[2:].view(self.cfg.ttt_length, 3).tolist()
-        out = {"loss": float(sums[0])}
-        for i, (loss_sum, correct, count) in enumerate(stats):
-            out[f"loss_{i}"] = loss_sum / max(denom, 1)
-            out[f"acc_{i}"] = correct / max(count, 1.0)
-        return out
+    def _step_metrics(self, sums: torch.Tensor, denom: float) -> dict[str, float]:
+        return {"loss": float(sums[0]), **self.algo.metrics(sums[2:].view(self.algo.stat_rows, 3).cpu(), denom)}
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, Any]:
         """Loss and accuracies on the held-out split (every rank scores its share)."""
-        cfg = self.cfg
         batches = eval_micro_batches(self.eval_idx, self.micro_size, self.dist.rank, self.dist.world_size)
         collated = [collate(self.ds, b, self.pad_id) for b in batches]
         requests = (TargetBatch(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in collated)
-        denom = max(self.ds.token_counts(self.eval_idx)[1], 1)
-        sums = torch.zeros(2 + 3 * cfg.ttt_length, dtype=torch.float64, device=self.device)
+        denom = max(self.algo.denominator(self.eval_idx, EVAL_SALT), 1.0)
+        sums = torch.zeros(2 + 3 * self.algo.stat_rows, dtype=torch.float64, device=self.device)
         for i, (outputs, _) in enumerate(self.prefetcher.run(requests)):
-            loss, stats = self._forward(collated[i], outputs, denom, self.objective)
+            loss, stats = self._forward(collated[i], outputs, denom, EVAL_SALT, self.objective)
             sums[0] += loss.double()
             sums[2:] += stats.flatten()
         distributed.all_reduce_sum(sums, self.dist)

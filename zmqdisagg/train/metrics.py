@@ -1,8 +1,9 @@
 """Where training numbers go: ``metrics.jsonl``, TensorBoard and a tqdm bar, all on rank 0 only.
 
 ``metrics.jsonl`` has one JSON object per line; ``kind`` is ``train`` (one per optimizer step) or
-``eval``. Train records carry ``step`` (1-based, completed steps), ``loss``, ``loss_i``/``acc_i`` for each
-TTT step, ``lr``, ``grad_norm``, ``target_wait_ms``, ``train_ms`` and ``tokens_per_s``. Floats are
+``eval``. Train records carry ``step`` (1-based, completed steps), ``loss``, the algorithm's metrics
+(EAGLE3: ``loss_i``/``acc_i`` per TTT step; DFlash: ``loss_k``/``acc_k`` per block position and
+``accept_len``), ``lr``, ``grad_norm``, ``target_wait_ms``, ``train_ms`` and ``tokens_per_s``. Floats are
 written with Python's ``repr``, so two runs' losses compare bit for bit by reading the file.
 
 Guarantees: on resume from step ``k`` the records after ``k`` are dropped first, so a resumed run's file
@@ -34,8 +35,9 @@ class MetricsLog:
     """Rank 0's sink for per-step records; other ranks get a log with ``enabled=False``."""
 
     def __init__(self, output_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True) -> None:
+                 tensorboard: bool = True, progress: bool = True, headline: tuple[str, ...] = ("acc_0",)) -> None:
         self.enabled = enabled
+        self.headline = headline  # metric keys shown next to the loss (bar and eval log line)
         self._tb = self._bar = self._file = None
         if not enabled:
             return
@@ -69,11 +71,13 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and key not in ("step", "kind"):
                     self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
         if self._bar is not None and record["kind"] == "train":
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", acc0=f"{record['acc_0']:.3f}",
-                                  tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            shown = {k: f"{record[k]:.3f}" for k in self.headline}
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", **shown, tok_s=f"{record['tokens_per_s']:.0f}",
+                                  refresh=False)
             self._bar.update(1)
         elif record["kind"] == "eval":
-            logger.info("eval at step %d: loss %.4f acc_0 %.3f", record["step"], record["loss"], record["acc_0"])
+            logger.info("eval at step %d: loss %.4f %s", record["step"], record["loss"],
+                        headline_text(record, self.headline))
 
     def close(self) -> None:
         for name in ("_bar", "_tb", "_file"):
@@ -81,6 +85,11 @@ class MetricsLog:
             setattr(self, name, None)
             if handle is not None:
                 handle.close()
+
+
+def headline_text(record: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """``"acc_0 0.871"``-style text of ``keys`` in ``record``."""
+    return " ".join(f"{k} {record[k]:.3f}" for k in keys)
 
 
 def _summary_writer(path: Path) -> Any:
