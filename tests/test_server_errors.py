@@ -148,3 +148,22 @@ def test_stats_report_errors_and_choices(raw):
     (only,) = stats.values()
     assert only["you"]["transport"] == "inline" and "forced" in only["you"]["reason"]
     assert only["errors"] >= 0 and only["requests"] >= 1
+
+
+def test_no_tensor_travels_inside_a_reply_header(raw):
+    """Over inline, every tensor byte is in a frame of its own; the header holds only their metas."""
+    sock, good = raw
+    cid = uuid.uuid4().hex
+    _hello(sock, cid)
+    ids = torch.arange(200).reshape(2, 100) % good.info().vocab_size
+    metas, frames = codec.tensor_frames({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    sock.send_multipart([codec.encode(Header(op="eagle3", client_id=cid, request_id=1, tensors=metas)),
+                         *[bytes(f) for f in frames]])
+    reply = sock.recv_multipart()
+    header = codec.decode(reply[0])
+    assert header.op == "ok"
+    payload = sum(m.nbytes for m in header.tensors)
+    assert [len(f) for f in reply[1:]] == [m.nbytes for m in header.tensors]
+    assert payload > 100_000 and len(reply[0]) < 2_000, (payload, len(reply[0]))
+    raw_json = json.loads(reply[0])
+    codec.check_plain(raw_json["body"])  # only short lists of plain values

@@ -3,6 +3,8 @@
 Handlers raise typed errors (``BadRequest``, ``ConfigError``, ``ProtocolMismatch`` ...) and never
 catch them: ``server.py`` turns any exception into an ``error`` reply and keeps serving. A batch is
 followed here from its request frames to the transport: decode -> validate -> forward -> ``put``.
+With batching, ``admit`` does the decode and validation into a ``Job``, the batcher runs the forward,
+and ``deliver`` does the ``put``: the same steps, with the same errors, split in two.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from zmqdisagg.errors import BadRequest, UnknownClient
 from zmqdisagg.protocol import messages as m
 from zmqdisagg.protocol.codec import frames_to_tensors
 from zmqdisagg.protocol.messages import Header, trial_pattern
+from zmqdisagg.server.batching import Job
 from zmqdisagg.server.connection import Connection
-from zmqdisagg.target.types import TargetBatch, TargetSettings
+from zmqdisagg.server.utilisation import Utilisation
+from zmqdisagg.target.types import TargetBatch, TargetSettings, check_batch
 from zmqdisagg.transports.base import Delivery, TransportContext
 from zmqdisagg.transports.select import Identity, choose
 
@@ -40,6 +44,7 @@ class ServerState:
     connections: dict[str, Connection] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "errors": 0, "retries": 0})
+    utilisation: Utilisation = field(default_factory=Utilisation)
 
     def connection(self, header: Header) -> Connection:
         conn = self.connections.get(header.client_id)
@@ -98,6 +103,22 @@ def compute(state: ServerState, header: Header, frames: list) -> Handled:
     conn = state.connection(header)
     batch = _batch(state, header, frames)
     outputs = state.model.compute(header.op, batch, conn.settings, conn.t2d)
+    tokens = batch.input_ids.numel()
+    state.utilisation.forward(requests=1, tokens=tokens, padded_tokens=tokens)
+    return _deliver(conn, header, outputs)
+
+
+def admit(state: ServerState, envelope: list[bytes], header: Header, frames: list) -> Job:
+    """An eagle3/dflash request, validated, with its connection's settings as of now, ready to batch."""
+    conn = state.connection(header)
+    info = state.model.info()
+    batch = check_batch(_batch(state, header, frames), vocab_size=info.vocab_size, max_positions=info.max_positions)
+    settings, t2d = state.model.resolve(conn.settings, conn.t2d)  # default layers filled in, so packs can match
+    return Job(envelope=envelope, header=header, conn=conn, batch=batch, settings=settings, t2d=t2d)
+
+
+def deliver(conn: Connection, header: Header, outputs: dict[str, torch.Tensor]) -> Handled:
+    """Stage a computed job's outputs on its client's transport, as ``compute`` does."""
     return _deliver(conn, header, outputs)
 
 
@@ -109,7 +130,8 @@ def release(state: ServerState, header: Header, frames: list) -> Handled:
 def stats(state: ServerState, header: Header, frames: list) -> Handled:
     body = {"uptime_s": round(time.monotonic() - state.started_at, 3), **state.counters,
             "clients": {cid: c.stats() for cid, c in state.connections.items()},
-            "info": state.model.info().to_wire()}
+            "info": state.model.info().to_wire(), "tp": state.config.tp,
+            "batch_tokens": state.config.batch_tokens, "utilisation": state.utilisation.snapshot()}
     if header.client_id in state.connections:
         body["you"] = state.connections[header.client_id].stats()
     return header.reply(body), None

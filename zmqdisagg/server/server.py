@@ -1,13 +1,20 @@
 """``TargetServer``: one ROUTER socket, one thread, every client.
 
 The thread that owns the model is the only thread that touches the socket, the model and the
-transports, so nothing needs a lock and no two threads ever issue collectives. Requests from many
-clients and lanes queue in the ROUTER and are served in arrival order.
+transports, so nothing needs a lock and no two threads ever issue collectives: with ``--tp``, the
+broadcast to the other ranks happens inside ``model.compute``, on this same thread. Requests from
+many clients and lanes queue in the ROUTER and are served in arrival order.
 
 Per message: check size -> decode header -> apply piggybacked releases -> refresh the lease ->
 replay the cached reply if this is a retry -> run the handler -> send the reply -> start the
-transfer (communicator transports). Any exception becomes a typed ``error`` reply to that client only.
-Between messages the loop reaps expired leases and transfers past their deadline.
+transfer (communicator transports). Any exception becomes a typed ``error`` reply to that client
+only, except ``RankFailed`` (a broken tensor-parallel group), which ends ``serve_forever``.
+
+With ``--batch-tokens N`` the loop drains every message already queued (it never waits for more).
+Fresh eagle3/dflash requests become ``batching.Job``s; they run, packed, right before the next
+message of another kind (so effects keep their arrival order) and at the end of the round. Each
+job's reply, idempotency-cache entry, transfer and error are those it would get if served alone.
+Between rounds the loop reaps expired leases and late transfers, and lets a TP model ping its ranks.
 """
 
 from __future__ import annotations
@@ -26,14 +33,20 @@ from zmqdisagg.errors import BadRequest, ProtocolMismatch, ZmqDisaggError
 from zmqdisagg.protocol import codec
 from zmqdisagg.protocol import messages as m
 from zmqdisagg.protocol.messages import Header
+from zmqdisagg.server import handlers
+from zmqdisagg.server.batching import Batcher, Job
 from zmqdisagg.server.connection import PendingWork
 from zmqdisagg.server.handlers import HANDLERS, ServerState
+from zmqdisagg.server.tp import RankFailed
+from zmqdisagg.server.utilisation import Utilisation
 from zmqdisagg.topology import local_identity
 from zmqdisagg.transports.shm import sweep_stale
 
 logger = logging.getLogger(__name__)
 
 POLL_MS = 100  # how often the loop wakes to reap leases and check the stop flag
+MAX_DRAIN = 256  # most queued messages taken in one round when batching
+COMPUTE_OPS = frozenset({m.EAGLE3, m.DFLASH})
 
 
 class TargetServer:
@@ -45,8 +58,12 @@ class TargetServer:
         if removed:
             logger.info("removed %d shared-memory segments left by dead servers", removed)
         offered = transports.available()
-        self.state = ServerState(model=model, config=config,
-                                 identity=local_identity(config.device, offered))
+        self.utilisation = Utilisation()
+        self.state = ServerState(model=model, config=config, identity=local_identity(config.device, offered),
+                                 utilisation=self.utilisation)
+        self._batcher = Batcher(budget=config.batch_tokens, utilisation=self.utilisation) \
+            if config.batch_tokens else None
+        self._keepalive = getattr(model, "keepalive", None)  # a ShardedTarget pings and watches its ranks
         self._stop = threading.Event()
         self._ctx = zmq.Context()
         self._auth = None
@@ -75,13 +92,33 @@ class TargetServer:
         next_reap = 0.0
         while not self._stop.is_set():
             if poller.poll(POLL_MS):
-                self._serve_one(self._sock.recv_multipart(copy=False))
+                started = time.monotonic()
+                self._serve_round(self._drain())
+                self.utilisation.busy(started, time.monotonic())
             now = time.monotonic()
             if now >= next_reap:
                 self._reap(now)
                 next_reap = now + 0.2
+            if self._keepalive is not None:
+                self._keepalive()
 
-    def _serve_one(self, parts: list[zmq.Frame]) -> None:
+    def _drain(self) -> list[list[zmq.Frame]]:
+        """The message that woke us, plus (when batching) every message already queued behind it."""
+        messages = [self._sock.recv_multipart(copy=False)]
+        while self._batcher is not None and len(messages) < MAX_DRAIN:
+            try:
+                messages.append(self._sock.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        return messages
+
+    def _serve_round(self, messages: list[list[zmq.Frame]]) -> None:
+        jobs: list[Job] = []  # admitted eagle3/dflash requests waiting to run together (batching only)
+        for parts in messages:
+            self._serve_one(parts, jobs)
+        self._run_jobs(jobs)
+
+    def _serve_one(self, parts: list[zmq.Frame], jobs: list[Job]) -> None:
         try:
             split = next(i for i, p in enumerate(parts) if len(p) == 0)
         except StopIteration:
@@ -97,15 +134,20 @@ class TargetServer:
             if size > self.config.max_request_bytes:
                 raise BadRequest(f"request of {size} bytes is over the {self.config.max_request_bytes}-byte limit")
             header = codec.decode(header_frame.buffer)
-            self._reply(envelope, header, frames)
+            self._reply(envelope, header, frames, jobs)
+        except RankFailed:
+            raise
         except Exception as e:
             self._send_error(envelope, header, e)
 
-    def _reply(self, envelope: list[bytes], header: Header, frames: list) -> None:
+    def _reply(self, envelope: list[bytes], header: Header, frames: list, jobs: list[Job]) -> None:
         if header.op not in m.REQUEST_OPS:
             raise BadRequest(f"unknown op {header.op!r}; expected one of {sorted(m.REQUEST_OPS)}")
         state = self.state
         state.counters["requests"] += 1
+        batchable = self._batcher is not None and header.op in COMPUTE_OPS
+        if jobs and (not batchable or any(_same_lane(j.header, header) for j in jobs)):
+            self._run_jobs(jobs)  # keep arrival order; a retry then finds its original in the cache
         conn = state.connections.get(header.client_id)
         if conn is not None:
             conn.touch()
@@ -117,8 +159,31 @@ class TargetServer:
                             header.request_id)
                 self._send(envelope, cached.header, cached.delivery, conn, start=False)
                 return
+        if batchable:
+            jobs.append(handlers.admit(state, envelope, header, frames))
+            return
         reply, delivery = HANDLERS[header.op](state, header, frames)
-        conn = state.connections.get(header.client_id)
+        self._finish(envelope, header, reply, delivery)
+
+    def _run_jobs(self, jobs: list[Job]) -> None:
+        """Run the queued jobs (packed) and answer each as if it had been served alone."""
+        if not jobs:
+            return
+        pending = list(jobs)
+        jobs.clear()
+        self._batcher.run(self.state.model, pending)
+        for job in pending:
+            try:
+                if job.error is not None:
+                    raise job.error
+                reply, delivery = handlers.deliver(job.conn, job.header, job.outputs)
+            except Exception as e:
+                self._send_error(job.envelope, job.header, e)
+                continue
+            self._finish(job.envelope, job.header, reply, delivery)
+
+    def _finish(self, envelope: list[bytes], header: Header, reply: Header, delivery: Any) -> None:
+        conn = self.state.connections.get(header.client_id)
         if conn is not None and header.op in m.DATA_OPS:
             conn.remember(header, reply, delivery)
         self._send(envelope, reply, delivery, conn, start=True)
@@ -178,3 +243,7 @@ class TargetServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _same_lane(a: Header, b: Header) -> bool:
+    return a.client_id == b.client_id and a.lane == b.lane

@@ -67,7 +67,7 @@ def start_server(model: str, *, bind: str = "tcp://127.0.0.1:*", extra: tuple[st
             break
     proc.kill()
     proc.wait()
-    raise PeerTimeout(f"zmqdisagg-serve did not become ready; its output:\n" + "\n".join(log[-30:]))
+    raise PeerTimeout("zmqdisagg-serve did not become ready; its output:\n" + "\n".join(log[-30:]))
 
 
 @contextlib.contextmanager

@@ -67,6 +67,7 @@ class Utilisation:
             "window_s": self.window_s,
             "busy_fraction": round(self.busy_fraction(), 4),
             "forwards": self.forwards,
+            "requests": self.requests,
             "batches": self.batches,
             "batched_requests": self.batched_requests,
             "mean_batch_size": round(self.requests / forwards, 3) if self.forwards else 0.0,
