@@ -167,3 +167,16 @@ def test_no_tensor_travels_inside_a_reply_header(raw):
     assert payload > 100_000 and len(reply[0]) < 2_000, (payload, len(reply[0]))
     raw_json = json.loads(reply[0])
     codec.check_plain(raw_json["body"])  # only short lists of plain values
+
+
+def test_bench_op_moves_known_bytes_and_checks_its_size(raw, server):
+    from zmqdisagg.errors import BadRequest as Bad
+    from zmqdisagg.protocol.messages import trial_pattern
+    with RemoteTarget([server.address], ClientConfig(transport="shm")) as remote:
+        conn = remote._servers[0]
+        for nbytes in (1, 4097, 3 << 20):
+            got = conn._call("bench", {"nbytes": nbytes})[1]["payload"]
+            assert torch.equal(got, trial_pattern(nbytes))
+        for bad in (0, -5, "10", 1 << 40):
+            with pytest.raises(Bad, match="max-bench-bytes"):
+                conn._call("bench", {"nbytes": bad})

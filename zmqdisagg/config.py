@@ -54,6 +54,7 @@ class ServeConfig:
     max_slots: int = field(default_factory=lambda: envs.ZMQDISAGG_MAX_SLOTS)  # --max-slots
     max_tokens: int = 1 << 20  # --max-tokens: most tokens (B*S) in one request
     max_request_bytes: int = 64 << 20  # largest request message accepted
+    max_bench_bytes: int = 1 << 30  # --max-bench-bytes: largest payload of the bench op
     transfer_timeout_s: float = field(default_factory=lambda: envs.ZMQDISAGG_TRANSFER_TIMEOUT_S)
     insecure: bool = False  # --insecure: allow a non-loopback bind without authentication
     curve_secret_key: str | None = None  # --curve-secret-key: the server's NAME.key_secret file

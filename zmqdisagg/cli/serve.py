@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-slots", type=int, default=envs.ZMQDISAGG_MAX_SLOTS, help="buffer slots per client")
     p.add_argument("--max-tokens", type=int, default=1 << 20, help="most tokens in one request")
     p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="largest request message accepted")
+    p.add_argument("--max-bench-bytes", type=int, default=1 << 30, help="largest payload of the bench op")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks; rank 0 starts the others itself "
                    "(under torchrun, WORLD_SIZE decides)")
     p.add_argument("--tp-timeout-s", type=float, default=60.0,
@@ -105,6 +106,7 @@ def _config(args: argparse.Namespace, tp: int, device: str, *, warn: bool) -> Se
     config = ServeConfig(model=args.model, bind=args.bind, device=device, dtype=args.dtype, seed=args.seed,
                          transport=args.transport, lease_s=args.lease_s, max_slots=args.max_slots,
                          max_tokens=args.max_tokens, max_request_bytes=args.max_request_bytes,
+                         max_bench_bytes=args.max_bench_bytes,
                          insecure=args.insecure, curve_secret_key=args.curve_secret_key,
                          curve_authorized_dir=args.curve_authorized_dir, tp=tp,
                          tp_timeout_s=args.tp_timeout_s, batch_tokens=args.batch_tokens)

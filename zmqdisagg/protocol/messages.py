@@ -15,6 +15,7 @@ Ops a client sends and what the server answers (``ok`` or ``error``)::
     configure  layer ids / teacher mode, t2d  ->  effective settings
     eagle3     input_ids, attention_mask      ->  tensor metas + the transport's delivery note
     dflash     input_ids, attention_mask      ->  tensor metas + the transport's delivery note
+    bench      nbytes                         ->  that many known bytes through the transport (benchmarks)
     release    slot ids                       ->  ok
     stats      -                              ->  counters
     bye        -                              ->  ok (server frees everything of this client)
@@ -35,11 +36,11 @@ from zmqdisagg.protocol.tensor_meta import TensorMeta
 SCHEMA_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 
-HELLO, TRIAL, INFO, WEIGHTS, CONFIGURE, EAGLE3, DFLASH, RELEASE, STATS, BYE = (
-    "hello", "trial", "info", "weights", "configure", "eagle3", "dflash", "release", "stats", "bye")
+HELLO, TRIAL, INFO, WEIGHTS, CONFIGURE, EAGLE3, DFLASH, BENCH, RELEASE, STATS, BYE = (
+    "hello", "trial", "info", "weights", "configure", "eagle3", "dflash", "bench", "release", "stats", "bye")
 OK, ERROR = "ok", "error"
-REQUEST_OPS = frozenset({HELLO, TRIAL, INFO, WEIGHTS, CONFIGURE, EAGLE3, DFLASH, RELEASE, STATS, BYE})
-DATA_OPS = frozenset({TRIAL, WEIGHTS, EAGLE3, DFLASH})
+REQUEST_OPS = frozenset({HELLO, TRIAL, INFO, WEIGHTS, CONFIGURE, EAGLE3, DFLASH, BENCH, RELEASE, STATS, BYE})
+DATA_OPS = frozenset({TRIAL, WEIGHTS, EAGLE3, DFLASH, BENCH})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -89,6 +89,9 @@ class Connection:
         still = []
         for p in self.pending:
             if p.work.is_completed():
+                error = getattr(p.work, "error", None)  # a failed transfer also counts as completed
+                if error is not None:
+                    return f"a transfer failed: {error}"
                 continue
             if now > p.deadline:
                 return "a transfer passed its deadline"

@@ -45,6 +45,7 @@ class ServerState:
     started_at: float = field(default_factory=time.monotonic)
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "errors": 0, "retries": 0})
     utilisation: Utilisation = field(default_factory=Utilisation)
+    bench_payloads: dict[int, torch.Tensor] = field(default_factory=dict)  # the bench op's last payload
 
     def connection(self, header: Header) -> Connection:
         conn = self.connections.get(header.client_id)
@@ -79,7 +80,7 @@ def hello(state: ServerState, header: Header, frames: list) -> Handled:
 
 
 def trial(state: ServerState, header: Header, frames: list) -> Handled:
-    return _deliver(state.connection(header), header, {"trial": trial_pattern().to(state.config.device)})
+    return deliver(state.connection(header), header, {"trial": trial_pattern().to(state.config.device)})
 
 
 def info(state: ServerState, header: Header, frames: list) -> Handled:
@@ -87,7 +88,7 @@ def info(state: ServerState, header: Header, frames: list) -> Handled:
 
 
 def weights(state: ServerState, header: Header, frames: list) -> Handled:
-    return _deliver(state.connection(header), header, state.model.head_weights())
+    return deliver(state.connection(header), header, state.model.head_weights())
 
 
 def configure(state: ServerState, header: Header, frames: list) -> Handled:
@@ -105,7 +106,7 @@ def compute(state: ServerState, header: Header, frames: list) -> Handled:
     outputs = state.model.compute(header.op, batch, conn.settings, conn.t2d)
     tokens = batch.input_ids.numel()
     state.utilisation.forward(requests=1, tokens=tokens, padded_tokens=tokens)
-    return _deliver(conn, header, outputs)
+    return deliver(conn, header, outputs)
 
 
 def admit(state: ServerState, envelope: list[bytes], header: Header, frames: list) -> Job:
@@ -115,11 +116,6 @@ def admit(state: ServerState, envelope: list[bytes], header: Header, frames: lis
     batch = check_batch(_batch(state, header, frames), vocab_size=info.vocab_size, max_positions=info.max_positions)
     settings, t2d = state.model.resolve(conn.settings, conn.t2d)  # default layers filled in, so packs can match
     return Job(envelope=envelope, header=header, conn=conn, batch=batch, settings=settings, t2d=t2d)
-
-
-def deliver(conn: Connection, header: Header, outputs: dict[str, torch.Tensor]) -> Handled:
-    """Stage a computed job's outputs on its client's transport, as ``compute`` does."""
-    return _deliver(conn, header, outputs)
 
 
 def release(state: ServerState, header: Header, frames: list) -> Handled:
@@ -142,9 +138,21 @@ def bye(state: ServerState, header: Header, frames: list) -> Handled:
     return header.reply(), None
 
 
+def bench(state: ServerState, header: Header, frames: list) -> Handled:
+    """``nbytes`` of ``i % 251`` through the transport, for bench/transfer_bw.py; capped by --max-bench-bytes."""
+    nbytes = header.body.get("nbytes")
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or not 0 < nbytes <= state.config.max_bench_bytes:
+        raise BadRequest(f"bench needs 0 < nbytes <= {state.config.max_bench_bytes} (--max-bench-bytes), got {nbytes!r}")
+    payload = state.bench_payloads.get(nbytes)
+    if payload is None:
+        state.bench_payloads.clear()  # keep one size: a sweep asks for one size at a time
+        payload = state.bench_payloads[nbytes] = trial_pattern(nbytes).to(state.config.device)
+    return deliver(state.connection(header), header, {"payload": payload})
+
+
 HANDLERS: dict[str, Callable[[ServerState, Header, list], Handled]] = {
     m.HELLO: hello, m.TRIAL: trial, m.INFO: info, m.WEIGHTS: weights, m.CONFIGURE: configure,
-    m.EAGLE3: compute, m.DFLASH: compute, m.RELEASE: release, m.STATS: stats, m.BYE: bye,
+    m.EAGLE3: compute, m.DFLASH: compute, m.BENCH: bench, m.RELEASE: release, m.STATS: stats, m.BYE: bye,
 }
 
 
@@ -162,7 +170,8 @@ def _batch(state: ServerState, header: Header, frames: list) -> TargetBatch:
     return TargetBatch(input_ids=ids.to(device), attention_mask=tensors["attention_mask"].to(device))
 
 
-def _deliver(conn: Connection, header: Header, tensors: dict[str, torch.Tensor]) -> Handled:
+def deliver(conn: Connection, header: Header, tensors: dict[str, torch.Tensor]) -> Handled:
+    """Stage ``tensors`` on the client's transport; the reply carries the delivery note and metas."""
     delivery = conn.transport.put(tensors)
     reply = header.reply({"delivery": delivery.note}, tensors=delivery.metas)
     return reply, delivery

@@ -29,7 +29,7 @@ import zmq
 
 from zmqdisagg import transports
 from zmqdisagg.config import ServeConfig
-from zmqdisagg.errors import BadRequest, ProtocolMismatch, ZmqDisaggError
+from zmqdisagg.errors import BadRequest, ProtocolMismatch, UnknownClient, ZmqDisaggError
 from zmqdisagg.protocol import codec
 from zmqdisagg.protocol import messages as m
 from zmqdisagg.protocol.messages import Header
@@ -153,6 +153,11 @@ class TargetServer:
             conn.touch()
             conn.release(header.releases)
             cached = conn.cached(header) if header.op in m.DATA_OPS else None
+            if cached is not None and cached.delivery is not None and cached.delivery.start is not None:
+                # A communicator transfer cannot be replayed: its send was posted once already. Start the
+                # client over on a fresh connection; it retries the request there.
+                state.drop(header.client_id, "retried a communicator transfer")
+                raise UnknownClient("the reply's transfer was already sent; reconnecting and retrying")
             if cached is not None:
                 state.counters["retries"] += 1
                 logger.info("client %s retried request %d; replaying its reply", header.client_id,
