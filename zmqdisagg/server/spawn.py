@@ -20,6 +20,8 @@ from zmqdisagg.errors import PeerTimeout
 
 logger = logging.getLogger(__name__)
 
+READY = "zmqdisagg-serve ready on "  # the line cli/serve.py prints once it accepts requests
+
 
 @dataclass(kw_only=True)
 class ServerProcess:
@@ -55,16 +57,17 @@ def start_server(model: str, *, bind: str = "tcp://127.0.0.1:*", extra: tuple[st
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
     log: list[str] = []
+    ready: list[str] = []  # the ready line, once seen
+    seen = threading.Event()
+    threading.Thread(target=_read, args=(proc, log, ready, seen), daemon=True).start()
     deadline = time.monotonic() + timeout_s
-    for line in proc.stdout:
-        log.append(line.rstrip())
-        if line.startswith("zmqdisagg-serve ready on "):
-            address, _, rest = line[len("zmqdisagg-serve ready on "):].strip().partition(" ")
-            names = tuple(rest.partition("=")[2].split(","))
-            threading.Thread(target=_drain, args=(proc, log), daemon=True).start()
-            return ServerProcess(proc=proc, address=address, transports=names, log=log)
-        if time.monotonic() > deadline:
-            break
+    # Wait on the reader, not on stdout: a child that hangs silently must not block us past the deadline.
+    while not seen.wait(0.1) and proc.poll() is None and time.monotonic() < deadline:
+        pass
+    if ready:
+        address, _, rest = ready[0][len(READY):].strip().partition(" ")
+        return ServerProcess(proc=proc, address=address, transports=tuple(rest.partition("=")[2].split(",")),
+                             log=log)
     proc.kill()
     proc.wait()
     raise PeerTimeout("zmqdisagg-serve did not become ready; its output:\n" + "\n".join(log[-30:]))
@@ -83,8 +86,13 @@ def spawn_server(model: str = "configs/tiny-llama.json", *, bind: str = "tcp://1
         server.stop()
 
 
-def _drain(proc: subprocess.Popen, log: list[str]) -> None:
+def _read(proc: subprocess.Popen, log: list[str], ready: list[str], seen: threading.Event) -> None:
+    """Collect the child's output (bounded) and flag its ready line."""
     for line in proc.stdout:
         log.append(line.rstrip())
+        if not ready and line.startswith(READY):
+            ready.append(line)
+            seen.set()
         if len(log) > 2000:
             del log[:1000]
+    seen.set()  # the child closed its output: it has exited
