@@ -25,23 +25,12 @@ from zmqdisagg.server.spawn import spawn_server, start_server
 from zmqdisagg.target.build import load_target
 from zmqdisagg.target.types import TargetBatch, TargetSettings
 
+from test_remote_equals_local import _batch, _t2d  # the same inputs as the single-process tests
+
 CONFIGS = ["configs/tiny-llama.json", "configs/tiny-qwen3.json"]
 # (rtol, atol) by dtype. fp32: the measured worst case is 1.2e-6 abs on values up to ~4 (docs/server_tp.md);
 # bf16 "target_p" is fp32 rounded to bf16, where a last-bit difference can round one bf16 ulp (2^-7) apart.
 TOLERANCE = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2 ** -7, 1e-6)}
-
-
-def _batch(vocab: int, seed: int, b: int = 3, s: int = 24) -> TargetBatch:
-    ids = torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[1, s // 2:] = 0  # a right-padded row
-    return TargetBatch(input_ids=ids, attention_mask=mask)
-
-
-def _t2d(vocab: int) -> torch.Tensor:
-    t2d = torch.zeros(vocab, dtype=torch.bool)
-    t2d[::3] = True
-    return t2d
 
 
 def _assert_tp_close(remote: dict, local: dict) -> float:
