@@ -4,6 +4,8 @@ Usage (from the repository root; writes ``server_batching.json`` and ``server_ba
 
     OMP_NUM_THREADS=1 python bench/server_batching.py --out docs/benchmarks
     python bench/server_batching.py --clients 1,4 --seq 64 --seconds 3      # quick look
+    python bench/server_batching.py --model configs/llama-3.1-8b-shape.json --device cuda --dtype bfloat16 \
+        --tp 1,2 --client-device cuda:3 --transport cuda_ipc --seq 4096 --clients 1,2   # GPUs: TP and batching
 
 What runs: one real server per ``--batch-tokens`` value (0 = batching off), and for each
 (sequence length, client count) that many ``RemoteTarget`` clients in this process, each with
@@ -51,6 +53,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--transport", default="inline")
     p.add_argument("--server-threads", type=int, default=1, help="OMP_NUM_THREADS of the server")
+    p.add_argument("--device", default="cpu", help="server device: cpu, or cuda (ranks on cuda:0..tp-1)")
+    p.add_argument("--dtype", default="float32", help="server dtype (bfloat16 on GPUs)")
+    p.add_argument("--tp", default="1", help="server tensor-parallel sizes to compare, comma-separated")
+    p.add_argument("--client-device", default="cpu", help="where clients receive, e.g. cuda:3 (a GPU no rank uses)")
     p.add_argument("--out", default=None, help="directory for server_batching.json and .md")
     return p.parse_args()
 
@@ -61,7 +67,7 @@ def ints(spec: str) -> list[int]:
 
 def run_cell(address: str, clients: int, seq: int, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     """Drive ``clients`` clients for warm-up + ``--seconds``; return counts over the measured span."""
-    cfg = ClientConfig(transport=args.transport, max_lanes=args.lanes)
+    cfg = ClientConfig(transport=args.transport, max_lanes=args.lanes, device=args.client_device)
     remotes = [RemoteTarget([address], cfg) for _ in range(clients)]
     stop, measuring = threading.Event(), threading.Event()
     latencies: list[float] = []
@@ -117,14 +123,14 @@ def cpu_name() -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| batch-tokens | seq | clients × lanes | req/s | tokens/s | p50 ms | req/forward | busy | speed-up |\n"
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    base = {(r["seq"], r["clients"]): r["req_per_s"] for r in rows if r["batch_tokens"] == 0}
+    head = ("| tp | batch-tokens | seq | clients × lanes | req/s | tokens/s | p50 ms | req/forward | busy | speed-up |\n"
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    base = {(r["seq"], r["clients"]): r["req_per_s"] for r in rows if r["batch_tokens"] == 0 and r["tp"] == 1}
     lines = []
     for r in rows:
         ref = base.get((r["seq"], r["clients"]))
         speedup = f"{r['req_per_s'] / ref:.2f}×" if ref else "-"
-        lines.append(f"| {r['batch_tokens']} | {r['seq']} | {r['clients']} × {r['lanes']} | {r['req_per_s']} | "
+        lines.append(f"| {r['tp']} | {r['batch_tokens']} | {r['seq']} | {r['clients']} × {r['lanes']} | {r['req_per_s']} | "
                      f"{r['tokens_per_s']:.0f} | {r['p50_ms']} | {r['requests_per_forward']} | "
                      f"{r['busy_fraction']:.2f} | {speedup} |")
     return head + "\n".join(lines) + "\n"
@@ -134,16 +140,20 @@ def main() -> int:
     args = parse_args()
     env = {"OMP_NUM_THREADS": str(args.server_threads)}
     rows = []
-    for budget in ints(args.batch_tokens):
-        with spawn_server(args.model, extra=("--batch-tokens", str(budget)), env=env) as srv:
-            with RemoteTarget([srv.address]) as probe:
-                vocab = probe.info().vocab_size
-            for seq in ints(args.seq):
-                for clients in ints(args.clients):
-                    row = {"batch_tokens": budget, **run_cell(srv.address, clients, seq, args, vocab)}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(),
+    for tp in ints(args.tp):
+        for budget in ints(args.batch_tokens):
+            device = args.device if tp > 1 or args.device == "cpu" else f"{args.device}:0"
+            extra = ("--batch-tokens", str(budget), "--tp", str(tp), "--device", device, "--dtype", args.dtype)
+            with spawn_server(args.model, extra=extra, env=env) as srv:
+                with RemoteTarget([srv.address]) as probe:
+                    vocab = probe.info().vocab_size
+                for seq in ints(args.seq):
+                    for clients in ints(args.clients):
+                        row = {"tp": tp, "batch_tokens": budget, **run_cell(srv.address, clients, seq, args, vocab)}
+                        print(json.dumps(row), flush=True)
+                        rows.append(row)
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "server_device": args.device,
+               "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                "python": platform.python_version(), "torch": torch.__version__,
                "server_threads": args.server_threads, "client_threads_env": os.environ.get("OMP_NUM_THREADS")}
     table = markdown(rows)

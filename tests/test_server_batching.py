@@ -217,15 +217,22 @@ def test_a_retry_queued_behind_its_original_gets_the_same_reply(batched):
     assert stats.body["retries"] >= 1
 
 
-def test_batching_is_off_by_default_and_utilisation_is_reported(local):
-    with spawn_server(MODEL) as srv:
+def _three_together(extra: tuple[str, ...], op: str, seed: int) -> tuple[list[dict], dict]:
+    """Three default-settings clients of one server send ``op`` at once; their results and the server's stats."""
+    with spawn_server(MODEL, extra=extra) as srv:
         remotes = _clients(srv.address, [(TargetSettings(), None)] * 3)
         try:
-            got = _together(srv.proc.pid, [lambda r=r, i=i: r.eagle3(_batch(30 + i)) for i, r in enumerate(remotes)])
+            calls = [lambda r=r, i=i: getattr(r, op)(_batch(seed + i)) for i, r in enumerate(remotes)]
+            got = _together(srv.proc.pid, calls)
             (stats,) = remotes[0].stats().values()
         finally:
             for r in remotes:
                 r.close()
+    return got, stats
+
+
+def test_batching_is_off_by_default_and_utilisation_is_reported(local):
+    got, stats = _three_together((), "eagle3", 30)
     local.configure(TargetSettings())
     for i, out in enumerate(got):
         _assert_same(out, local.eagle3(_batch(30 + i)))
@@ -237,14 +244,7 @@ def test_batching_is_off_by_default_and_utilisation_is_reported(local):
 
 def test_batching_on_a_tensor_parallel_server(local):
     """Packs go through the TP broadcast like single requests; results are TP-close (test_server_tp.py)."""
-    with spawn_server(MODEL, extra=("--tp", "2", "--batch-tokens", str(BUDGET))) as srv:
-        remotes = _clients(srv.address, [(TargetSettings(), None)] * 3)
-        try:
-            got = _together(srv.proc.pid, [lambda r=r, i=i: r.dflash(_batch(40 + i)) for i, r in enumerate(remotes)])
-            (stats,) = remotes[0].stats().values()
-        finally:
-            for r in remotes:
-                r.close()
+    got, stats = _three_together(("--tp", "2", "--batch-tokens", str(BUDGET)), "dflash", 40)
     local.configure(TargetSettings())
     for i, out in enumerate(got):
         torch.testing.assert_close(out["hidden"], local.dflash(_batch(40 + i))["hidden"], rtol=1e-5, atol=1e-6)
