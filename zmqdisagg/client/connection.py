@@ -140,12 +140,9 @@ class ServerConnection:
 
     def _call_once(self, op: str, body: dict | None,
                    tensors: dict[str, torch.Tensor] | None) -> tuple[Header, dict[str, torch.Tensor]]:
-        metas, frames = tensor_frames({k: v.detach().cpu() for k, v in (tensors or {}).items()})
-        lane = self._take_lane()
+        metas, frames = tensor_frames({k: v.detach().cpu() for k, v in tensors.items()}) if tensors else ((), [])
+        lane, rid, releases = self._take_lane(with_releases=True)
         try:
-            with self._lock:
-                rid, releases = next(self._rids), tuple(self._releases)
-                self._releases.clear()
             header = Header(op=op, client_id=self.client_id, request_id=rid, lane=lane.index,
                             body=body or {}, tensors=metas, releases=releases)
             reply, reply_frames = lane.request(header, frames)
@@ -163,14 +160,16 @@ class ServerConnection:
 
     def _plain(self, op: str, body: dict, *, timeout_s: float) -> Header:
         """A request without a transport (the hello)."""
-        lane = self._take_lane()
+        lane, rid, _ = self._take_lane()
         try:
-            header = Header(op=op, client_id=self.client_id, request_id=next(self._rids), lane=lane.index, body=body)
+            header = Header(op=op, client_id=self.client_id, request_id=rid, lane=lane.index, body=body)
             return lane.request(header, timeout_s=timeout_s)[0]
         finally:
             self._give_lane(lane)
 
-    def _take_lane(self) -> Lane:
+    def _take_lane(self, with_releases: bool = False) -> tuple[Lane, int, tuple[int, ...]]:
+        """A free lane (waiting for one if all ``max_lanes`` are busy), a fresh request id, and (if asked)
+        the slots to release, taken off the list: one lock round trip for all three."""
         with self._free:
             while not self._idle and len(self._lanes) >= self.config.max_lanes:
                 self._free.wait()
@@ -182,7 +181,11 @@ class ServerConnection:
                 self._lanes.append(lane)
                 self._idle.append(lane)
             self.in_flight += 1
-            return self._idle.pop()
+            releases = ()
+            if with_releases and self._releases:
+                releases = tuple(self._releases)
+                self._releases.clear()
+            return self._idle.pop(), next(self._rids), releases
 
     def _curve(self) -> tuple[str, str] | None:
         c = self.config

@@ -36,6 +36,7 @@ class Lane:
         self.request_timeout_s = request_timeout_s
         self._ctx = ctx
         self._sock: zmq.Socket | None = None
+        self._poller = zmq.Poller()  # registered once per socket, not per request as Socket.poll does
         self._curve = curve  # (server public key file, client secret key file)
         self.retries = 0
 
@@ -51,10 +52,12 @@ class Lane:
                 sock.close(linger=0)
                 raise
             self._sock = sock
+            self._poller.register(sock, zmq.POLLIN)
         return self._sock
 
     def _reset(self) -> None:
         if self._sock is not None:
+            self._poller.unregister(self._sock)
             self._sock.close(linger=0)
             self._sock = None
 
@@ -68,9 +71,8 @@ class Lane:
             sock = self._socket()
             codec.send(sock, header, frames)
             wait = min(self.attempt_timeout_s, max(0.0, deadline - time.monotonic()))
-            if sock.poll(int(wait * 1000), zmq.POLLIN):
-                parts = sock.recv_multipart(copy=False)
-                return self._check(header, parts)
+            if self._poller.poll(int(wait * 1000)):
+                return self._check(header, codec.recv(sock))
             self._reset()
             attempt += 1
             if time.monotonic() >= deadline:
@@ -82,15 +84,15 @@ class Lane:
             logger.warning("no reply from %s to %s request %d after %.1fs; retrying on a fresh socket",
                            self.address, header.op, header.request_id, wait)
 
-    def _check(self, sent: Header, parts: list[zmq.Frame]) -> tuple[Header, list[zmq.Frame]]:
-        reply = codec.decode(parts[0].buffer)
+    def _check(self, sent: Header, parts: list[Any]) -> tuple[Header, list[zmq.Frame]]:
+        reply = codec.decode(parts[0])
         if reply.op == m.ERROR:
             raise from_code(str(reply.body.get("code")), str(reply.body.get("message")))
         if reply.request_id != sent.request_id or reply.lane != sent.lane:
             raise from_code("ProtocolMismatch",
                             f"reply for request {reply.request_id} on lane {reply.lane} arrived for "
                             f"request {sent.request_id} on lane {sent.lane}")
-        return reply, list(parts[1:])
+        return reply, parts[1:]
 
     def close(self) -> None:
         self._reset()

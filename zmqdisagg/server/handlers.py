@@ -46,6 +46,14 @@ class ServerState:
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "errors": 0, "retries": 0})
     utilisation: Utilisation = field(default_factory=Utilisation)
     bench_payloads: dict[int, torch.Tensor] = field(default_factory=dict)  # the bench op's last payload
+    _info: tuple[Any, dict[str, Any]] = field(default=(None, {}), init=False, repr=False)  # last ModelInfo, wire form
+
+    def info_wire(self) -> dict[str, Any]:
+        """``model.info().to_wire()``, converted again only when the model returns another ``ModelInfo``."""
+        info = self.model.info()  # still called each time: a closed model raises here
+        if info is not self._info[0]:
+            self._info = (info, info.to_wire())
+        return self._info[1]
 
     def connection(self, header: Header) -> Connection:
         conn = self.connections.get(header.client_id)
@@ -76,7 +84,7 @@ def hello(state: ServerState, header: Header, frames: list) -> Handled:
                 peer.hostname, choice.name, choice.reason)
     return header.reply({"transport": choice.name, "reason": choice.reason, "zero_copy": choice.zero_copy,
                          "offer": transport.offer(), "identity": state.identity.to_wire(),
-                         "info": state.model.info().to_wire(), "lease_s": state.config.lease_s}), None
+                         "info": state.info_wire(), "lease_s": state.config.lease_s}), None
 
 
 def trial(state: ServerState, header: Header, frames: list) -> Handled:
@@ -84,7 +92,7 @@ def trial(state: ServerState, header: Header, frames: list) -> Handled:
 
 
 def info(state: ServerState, header: Header, frames: list) -> Handled:
-    return header.reply({"info": state.model.info().to_wire()}), None
+    return header.reply({"info": state.info_wire()}), None
 
 
 def weights(state: ServerState, header: Header, frames: list) -> Handled:
@@ -126,7 +134,7 @@ def release(state: ServerState, header: Header, frames: list) -> Handled:
 def stats(state: ServerState, header: Header, frames: list) -> Handled:
     body = {"uptime_s": round(time.monotonic() - state.started_at, 3), **state.counters,
             "clients": {cid: c.stats() for cid, c in state.connections.items()},
-            "info": state.model.info().to_wire(), "tp": state.config.tp,
+            "info": state.info_wire(), "tp": state.config.tp,
             "batch_tokens": state.config.batch_tokens, "utilisation": state.utilisation.snapshot()}
     if header.client_id in state.connections:
         body["you"] = state.connections[header.client_id].stats()

@@ -102,29 +102,32 @@ class TargetServer:
             if self._keepalive is not None:
                 self._keepalive()
 
-    def _drain(self) -> list[list[zmq.Frame]]:
-        """The message that woke us, plus (when batching) every message already queued behind it."""
-        messages = [self._sock.recv_multipart(copy=False)]
+    def _drain(self) -> list[list[Any]]:
+        """The message that woke us, plus (when batching) every message already queued behind it.
+
+        Each message is ``[*envelope, header, *frames]``: envelope and header as bytes, frames zero-copy.
+        """
+        messages = [codec.recv(self._sock, routed=True)]
         while self._batcher is not None and len(messages) < MAX_DRAIN:
             try:
-                messages.append(self._sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                messages.append(codec.recv(self._sock, zmq.NOBLOCK, routed=True))
             except zmq.Again:
                 break
         return messages
 
-    def _serve_round(self, messages: list[list[zmq.Frame]]) -> None:
+    def _serve_round(self, messages: list[list[Any]]) -> None:
         jobs: list[Job] = []  # admitted eagle3/dflash requests waiting to run together (batching only)
         for parts in messages:
             self._serve_one(parts, jobs)
         self._run_jobs(jobs)
 
-    def _serve_one(self, parts: list[zmq.Frame], jobs: list[Job]) -> None:
+    def _serve_one(self, parts: list[Any], jobs: list[Job]) -> None:
         try:
-            split = next(i for i, p in enumerate(parts) if len(p) == 0)
-        except StopIteration:
+            split = parts.index(b"")  # the envelope is bytes (codec.recv), so this finds its delimiter
+        except ValueError:
             logger.warning("dropping a message without a REQ envelope")
             return
-        envelope = [p.bytes for p in parts[:split + 1]]
+        envelope = parts[:split + 1]
         header_frame, frames = parts[split + 1] if len(parts) > split + 1 else None, parts[split + 2:]
         header = Header(op=m.ERROR)
         try:
@@ -133,7 +136,7 @@ class TargetServer:
             size = sum(len(p) for p in parts[split + 1:])
             if size > self.config.max_request_bytes:
                 raise BadRequest(f"request of {size} bytes is over the {self.config.max_request_bytes}-byte limit")
-            header = codec.decode(header_frame.buffer)
+            header = codec.decode(header_frame)
             self._reply(envelope, header, frames, jobs)
         except RankFailed:
             raise
@@ -151,7 +154,8 @@ class TargetServer:
         conn = state.connections.get(header.client_id)
         if conn is not None:
             conn.touch()
-            conn.release(header.releases)
+            if header.releases:
+                conn.release(header.releases)
             cached = conn.cached(header) if header.op in m.DATA_OPS else None
             if cached is not None and cached.delivery is not None and cached.delivery.start is not None:
                 # A communicator transfer cannot be replayed: its send was posted once already. Start the

@@ -3,7 +3,9 @@
 Guarantees:
 - ``busy_fraction`` is the share of the last ``window_s`` seconds (or of the uptime, if shorter) that
   the server loop spent handling messages rather than waiting for them: ~0 when idle, ~1 when
-  saturated. It is computed from the recorded busy intervals, so it needs no sampling thread.
+  saturated. It is computed from the recorded busy intervals, so it needs no sampling thread, and in
+  time independent of how many intervals the window holds (a running total; only the intervals that
+  cross the window's edges are clipped).
 - The forward counters are cumulative since start. Every eagle3/dflash forward is counted once,
   with the number of requests it served (1 without batching), its rows, its real tokens and its
   padded size, so ``mean_batch_size`` is exactly requests per forward.
@@ -27,6 +29,7 @@ class Utilisation:
         self.window_s = window_s
         self.started_at = time.monotonic()
         self._busy: collections.deque[tuple[float, float]] = collections.deque()
+        self._busy_total = 0.0  # sum of the lengths of the intervals in ``_busy``
         self.forwards = 0  # model forwards run for eagle3/dflash requests
         self.batches = 0  # forwards that served two or more requests
         self.requests = 0  # requests served by those forwards
@@ -37,6 +40,7 @@ class Utilisation:
     def busy(self, start: float, end: float) -> None:
         """Record that the loop worked from ``start`` to ``end`` (``time.monotonic()`` seconds)."""
         self._busy.append((start, end))
+        self._busy_total += end - start
         self._trim(end)
 
     def forward(self, *, requests: int, tokens: int, padded_tokens: int) -> None:
@@ -57,8 +61,17 @@ class Utilisation:
         span = now - lo
         if span <= 0:
             return 0.0
-        busy = sum(max(0.0, min(end, now) - max(start, lo)) for start, end in self._busy)
-        return min(1.0, busy / span)
+        # Intervals are appended in time order and never overlap: clip the few at each edge of [lo, now].
+        busy = self._busy_total
+        for start, end in self._busy:
+            if start >= lo:
+                break
+            busy -= min(end, lo) - start
+        for start, end in reversed(self._busy):
+            if end <= now:
+                break
+            busy -= end - max(start, now)
+        return min(1.0, max(0.0, busy / span))
 
     def snapshot(self) -> dict[str, Any]:
         """The JSON-able figures reported by the ``stats`` op."""
@@ -78,4 +91,7 @@ class Utilisation:
     def _trim(self, now: float) -> None:
         horizon = now - self.window_s
         while self._busy and self._busy[0][1] < horizon:
-            self._busy.popleft()
+            start, end = self._busy.popleft()
+            self._busy_total -= end - start
+        if not self._busy:
+            self._busy_total = 0.0  # drop the rounding the running sum has gathered
