@@ -46,6 +46,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 NET_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"}
+# Labels of --transports / --server-transports that are a transport plus an environment.
+LABELS = {"nccl-net": ("nccl", NET_ENV), "cuda_ipc-pack": ("cuda_ipc", {"ZMQDISAGG_CUDA_IPC_PUSH": "0"}),
+          "cuda_ipc-push": ("cuda_ipc", {"ZMQDISAGG_CUDA_IPC_PUSH": "1"})}
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 PATTERN = 251  # payload[i] = i % 251: no run of equal bytes, cheap to check anywhere
 
@@ -186,6 +189,7 @@ def worker_client(args: argparse.Namespace) -> None:
         setattr(t, k, v)
     t.accept(offer)
     accept_ms = (time.perf_counter() - t0) * 1e3
+    mode = getattr(t, "mode", None)  # cuda_ipc: push or pack
     pending: list[int] = []
     for nbytes in sizes_from(args.sizes):
         if nbytes > parse_size(args.max_size):
@@ -205,13 +209,14 @@ def worker_client(args: argparse.Namespace) -> None:
             t2 = time.perf_counter()
             if rep["slot"] is not None:
                 pending.append(rep["slot"])
-            last["out"] = out["payload"]
+            last["out"] = out["payload"]  # held until the next reply, like a trainer (push: one slot busy)
+            last["pushed"] = last.get("pushed", 0) + ("recv" in rep["note"])
             prof = getattr(t, "profile", (0.0, 0.0))
             return t2 - t1, t2 - t0, prof[0], prof[1]
 
         setup, samples = adaptive(once, nbytes, args)
         ok = check_pattern(last.pop("out"))
-        row = {"size": nbytes, "setup_ms": setup[1] * 1e3, "verified": ok,
+        row = {"size": nbytes, "setup_ms": setup[1] * 1e3, "verified": ok, "pushed": last.pop("pushed", 0),
                **stats([s[0] for s in samples], nbytes),
                "e2e_p50_us": statistics.median(s[1] for s in samples) * 1e6,
                "enqueue_p50_us": statistics.median(s[2] for s in samples) * 1e6,
@@ -224,7 +229,7 @@ def worker_client(args: argparse.Namespace) -> None:
     t.close()
     sock.close()
     ctx.term()
-    json.dump({"rows": rows, "accept_ms": accept_ms, "control_rt_us": stats(rt, 1)["p50_us"],
+    json.dump({"rows": rows, "accept_ms": accept_ms, "mode": mode, "control_rt_us": stats(rt, 1)["p50_us"],
                "control_rt_p99_us": stats(rt, 1)["p99_us"]}, open(args.result, "w"))
 
 
@@ -345,6 +350,10 @@ def run_tdist(env: dict[str, str], args: argparse.Namespace, max_size: str) -> d
                 p.kill()
 
 
+def _smaller(a: str, b: str) -> str:
+    return a if parse_size(a) <= parse_size(b) else b
+
+
 # -- the real server path ----------------------------------------------------------------------------
 def run_server_path(transport: str, env: dict[str, str], args: argparse.Namespace, max_size: str) -> dict:
     """Control round trip (``stats``) and, if the server has a ``bench`` op, data through RemoteTarget."""
@@ -356,13 +365,14 @@ def run_server_path(transport: str, env: dict[str, str], args: argparse.Namespac
     bind = f"ipc://{tempfile.gettempdir()}/zmqdisagg-srv-{uuid.uuid4().hex[:8]}.sock"
     out: dict[str, Any] = {"rows": []}
     os.environ.update(env)  # the client's NCCL reads it too
-    with spawn_server(args.model, bind=bind, transport=transport,
-                      extra=("--device", args.server_device), env=env) as srv:
+    extra = ("--device", args.server_device, "--max-bench-bytes", str(parse_size(max_size)))
+    with spawn_server(args.model, bind=bind, transport=transport, extra=extra, env=env) as srv:
         t0 = time.perf_counter()
         with RemoteTarget([srv.address], ClientConfig(device=args.client_device, transport=transport)) as rt:
             out["accept_ms"] = (time.perf_counter() - t0) * 1e3
             out["selected"] = rt.transports[srv.address]
             conn = rt._servers[0]
+            out["mode"] = getattr(conn.transport, "mode", None)  # cuda_ipc: push or pack
             rtt = []
             for _ in range(1000):  # ``info``: the lightest op, a header each way
                 t1 = time.perf_counter()
@@ -520,22 +530,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1M:4G", help="MIN:MAX, doubling (default 1M:4G)")
     p.add_argument("--transports", default="cuda_ipc,nccl,nccl-net,shm,inline",
-                   help="comma list; nccl-net is nccl with NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1")
+                   help="comma list; nccl-net is nccl with NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1; "
+                        "cuda_ipc-pack / cuda_ipc-push force that cuda_ipc mode (ZMQDISAGG_CUDA_IPC_PUSH)")
     p.add_argument("--baselines", default="ce,sm,nccl,nccl-net", help="raw baselines: ce, sm, nccl, nccl-net")
     p.add_argument("--paths", default="transport,server", help="transport and/or server")
     p.add_argument("--server-transports", default=None,
                    help="transports for the server path (default: all of --transports)")
-    p.add_argument("--ipc-variants", default=";".join([
-        'cuda_ipc/push={"client": {"pull": false}}',
-        'cuda_ipc/ce-only={"client": {"sm_copy_max_bytes": 0}}',
-        'cuda_ipc/ce-pack={"client": {"sm_copy_max_bytes": 0}, "server": {"pack_sm_max_bytes": 0}}',
-        'cuda_ipc/nochunk={"server": {"min_chunk_bytes": 17179869184}}',
-        'cuda_ipc/same-gpu={"client_device": "cuda:0"}']),
+    p.add_argument("--ipc-variants", default=";".join([  # the main cuda_ipc row is the default (push)
+        'cuda_ipc/pack={"client": {"push": false}}',  # the previous default: server packs, client copies
+        'cuda_ipc/pack-push-ce={"client": {"push": false, "pull": false}}',  # was cuda_ipc/push
+        'cuda_ipc/pack-ce-only={"client": {"push": false, "sm_copy_max_bytes": 0}}',
+        'cuda_ipc/pack-ce-pack={"client": {"push": false, "sm_copy_max_bytes": 0}, '
+        '"server": {"pack_sm_max_bytes": 0}}',
+        'cuda_ipc/pack-nochunk={"client": {"push": false}, "server": {"min_chunk_bytes": 17179869184}}',
+        'cuda_ipc/same-gpu={"client_device": "cuda:0"}',  # default on one GPU: pack + copy out
+        'cuda_ipc/same-gpu-push={"client_device": "cuda:0", "client": {"push": true}}',
+        # last: an SM kernel pushing into an IPC mapping is unverified; a fault only loses this row
+        'cuda_ipc/push-sm={"client": {"push": true}, "server": {"push_sm_max_bytes": 67108864}}']),
         help="NAME=JSON knob sets for extra cuda_ipc runs, ';'-separated (empty: none)")
     p.add_argument("--variant-sizes", default="1M,16M,64M,256M,1G,4G", help="sizes of the variant runs")
     p.add_argument("--server-device", default="cuda:0")
     p.add_argument("--client-device", default="cuda:1")
     p.add_argument("--host-max-size", default="1G", help="largest size for shm/inline (host copies)")
+    p.add_argument("--server-max-size", default="1G",
+                   help="largest size through the real server (its bench op builds the payload on the CPU)")
     p.add_argument("--net-max-size", default="1G", help="largest size for nccl-net (sockets)")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed transfers per size")
     p.add_argument("--min-iters", type=int, default=5)
@@ -576,18 +594,30 @@ def main() -> None:
         print("raw torch.distributed NCCL send/recv, network path", flush=True)
         results["raw-nccl-net"] = run_tdist(NET_ENV, args, args.net_max_size)
     limits = {"shm": args.host_max_size, "inline": args.host_max_size, "nccl-net": args.net_max_size}
+    for label in [t for t in (args.server_transports or "").split(",") if t and t not in args.transports.split(",")]:
+        transport, env = LABELS.get(label, (label, {}))  # server-path-only labels (e.g. cuda_ipc-pack)
+        if "server" in args.paths:
+            print(f"server path {label}", flush=True)
+            try:
+                results[f"server/{label}"] = run_server_path(
+                    transport, env, args, _smaller(limits.get(label, max_all), args.server_max_size))
+            except Exception as e:
+                results[f"server/{label}"] = {"error": f"{type(e).__name__}: {e}"}
+            for k in env:
+                os.environ.pop(k, None)
     for label in [t for t in args.transports.split(",") if t]:
-        transport, env = ("nccl", NET_ENV) if label == "nccl-net" else (label, {})
+        transport, env = LABELS.get(label, (label, {}))
         if "transport" in args.paths:
             print(f"transport {label}", flush=True)
             results[label] = run_transport(label, transport, env, args, limits.get(label, max_all))
         if "server" in args.paths and label in (args.server_transports or args.transports).split(","):
             print(f"server path {label}", flush=True)
             try:
-                results[f"server/{label}"] = run_server_path(transport, env, args, limits.get(label, max_all))
+                results[f"server/{label}"] = run_server_path(
+                    transport, env, args, _smaller(limits.get(label, max_all), args.server_max_size))
             except Exception as e:  # a missing server feature must not lose the transport numbers
                 results[f"server/{label}"] = {"error": f"{type(e).__name__}: {e}"}
-            for k in NET_ENV:
+            for k in env:
                 os.environ.pop(k, None)
     for spec in [v for v in args.ipc_variants.split(";") if v] if gpu else []:
         name, _, knobs = spec.partition("=")

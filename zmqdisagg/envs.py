@@ -37,6 +37,8 @@ _VARS: dict[str, Callable[[], Any]] = {
     "ZMQDISAGG_MAX_SLOTS": _int("ZMQDISAGG_MAX_SLOTS", 8),
     # Seconds an NCCL/gloo transfer may take before the watchdog aborts the communicator.
     "ZMQDISAGG_TRANSFER_TIMEOUT_S": _float("ZMQDISAGG_TRANSFER_TIMEOUT_S", 60.0),
+    # cuda_ipc client: "1" server pushes into our receive slots, "0" server packs into its own, "auto" push across GPUs.
+    "ZMQDISAGG_CUDA_IPC_PUSH": _str("ZMQDISAGG_CUDA_IPC_PUSH", "auto"),
     # Build-time only (setup.py): 0 skips the CUDA extension in csrc/ even where nvcc exists.
     "ZMQDISAGG_BUILD_NATIVE": _str("ZMQDISAGG_BUILD_NATIVE", "1"),
     # Log level used by the CLIs (DEBUG, INFO, WARNING).

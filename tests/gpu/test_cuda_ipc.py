@@ -1,4 +1,4 @@
-"""cuda_ipc on real GPUs: zero-copy views on one GPU, and a killed client's slots come back."""
+"""cuda_ipc pack mode on real GPUs: zero-copy views on one GPU, and a killed client's slots come back."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_same_gpu_zero_copy_views_equal_local(peer):
 
 def test_killed_client_slots_are_reclaimed(peer):
     cdev = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
-    link = Link(peer, "cuda_ipc", "cuda:0", cdev, max_slots=4)
+    link = Link(peer, "cuda_ipc", "cuda:0", cdev, max_slots=4, client_attrs={"push": False})  # server slots
     x = {"x": torch.randint(0, 255, (64 << 20,), dtype=torch.uint8, device="cuda:0")}
     torch.cuda.synchronize()
     free0 = torch.cuda.mem_get_info(0)[0]
