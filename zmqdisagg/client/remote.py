@@ -3,8 +3,9 @@ interface of the in-process ``TargetModel``.
 
 Calls are thread-safe and may overlap (a prefetcher keeps several in flight); each call takes its own
 REQ lane. Data calls go to the live server with the fewest calls in flight. When a server stops
-answering within the request timeout, it is marked dead and the same batch is sent to another server,
-so a batch is neither lost nor computed into two results the trainer sees. When no server is left,
+answering within the request timeout, or its data transfer breaks (a communicator aborted because the
+server died mid-transfer), it is marked dead and the same batch is sent to another server, so a batch
+is neither lost nor computed into two results the trainer sees. When no server is left,
 ``NoServerAvailable`` says so.
 """
 
@@ -19,7 +20,7 @@ import zmq
 
 from zmqdisagg.client.connection import ServerConnection
 from zmqdisagg.config import ClientConfig, check_address
-from zmqdisagg.errors import ConfigError, NoServerAvailable, PeerTimeout
+from zmqdisagg.errors import ConfigError, NoServerAvailable, PeerTimeout, TransportUnavailable
 from zmqdisagg.protocol import messages as m
 from zmqdisagg.target.types import ModelInfo, TargetBatch, TargetSettings
 from zmqdisagg.transports.shm import sweep_stale
@@ -102,7 +103,7 @@ class RemoteTarget:
             tried.add(server.address)
             try:
                 return call(server)
-            except (PeerTimeout, zmq.ZMQError) as e:
+            except (PeerTimeout, TransportUnavailable, zmq.ZMQError) as e:  # the connection cannot serve again
                 last = e
                 with self._lock:
                     self._dead[server.address] = str(e)
