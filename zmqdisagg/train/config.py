@@ -94,12 +94,14 @@ class TrainConfig:
     cache_dir: str | None = None  # None -> <output_dir>/cache
     eval_every: int = 0  # steps; 0 = only at the end
     save_every: int = 0  # steps; 0 = only at the end
+    checkpoints: bool = True  # False: write no checkpoint at all (benchmarks; --resume then finds none)
     resume: bool = False
     export: bool = True  # write <output_dir>/export (SGLang/vLLM EAGLE3 draft) at the end
     export_engine: str = "sglang"  # sglang or vllm: how aux layer ids are numbered (see export.py)
     export_dtype: str = "bfloat16"
     device: str = "auto"
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    sync_timing: bool = False  # CUDA: synchronise around target waits so target_wait_ms/train_ms are exact
     tensorboard: bool = True
     progress: bool = True  # tqdm bar on rank 0
 

@@ -48,6 +48,9 @@ from zmqdisagg.train.target_setup import open_target
 
 logger = logging.getLogger(__name__)
 
+# Slots of the float64 vector each step sums over micro-batches and all-reduces over ranks.
+_LOSS, _WAIT, _BYTES, _STATS = 0, 1, 2, 3  # loss, seconds waited on the target, bytes it returned, stats...
+
 
 class Trainer:
     """Build with a ``TrainConfig``, call ``run()``, always ``close()``."""
@@ -62,6 +65,7 @@ class Trainer:
         self.dist = distributed.init_distributed("cuda" if cuda else "cpu")
         self._stack.callback(distributed.close, self.dist)
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if cuda else "cpu")
+        self._sync_timing = cfg.sync_timing and cuda
         try:
             self._build()
         except BaseException:
@@ -147,7 +151,7 @@ class Trainer:
             step = end
             if self.eval_idx and (step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 summary["eval"] = self.evaluate(step)
-            if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
+            if cfg.checkpoints and (step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0)):
                 self._save(step)
         if cfg.export and self.dist.is_main:
             summary["export"] = str(self.algo.export(Path(cfg.output_dir) / "export"))
@@ -185,29 +189,48 @@ class Trainer:
         global_batch = self.plan.global_batch(step)
         tokens = self.ds.token_counts(global_batch)[0]
         denom = max(self.algo.denominator(global_batch, step), 1.0)
-        sums = torch.zeros(2 + 3 * self.algo.stat_rows, dtype=torch.float64, device=self.device)
-        wait = 0.0
+        sums = torch.zeros(_STATS + 3 * self.algo.stat_rows, dtype=torch.float64, device=self.device)
+        wait, nbytes = 0.0, 0
         for m in range(cfg.micro_batches):
-            outputs, waited = next(results)
+            outputs, waited = self._next_result(results)
             wait += waited
+            nbytes += sum(t.numel() * t.element_size() for t in outputs.values())
             sync = m == cfg.micro_batches - 1
             with self._no_sync(not sync):
                 loss, stats = self._forward(queue.popleft(), outputs, denom, step)
                 loss.backward()
-            sums[0] += loss.detach().double()
-            sums[2:] += stats.flatten()
+            sums[_LOSS] += loss.detach().double()
+            sums[_STATS:] += stats.flatten()
         grad_norm = clip_grad(self.draft.parameters(), cfg.grad_clip)
         set_lr(self.optimizer, lr_at(step, cfg))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums[1] = wait
+        sums[_WAIT], sums[_BYTES] = wait, nbytes
         distributed.all_reduce_sum(sums, self.dist)
+        if self._sync_timing:
+            torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
         record = {"kind": "train", "step": step + 1, "lr": lr_at(step, cfg), "grad_norm": grad_norm,
                   **self._step_metrics(sums, denom),
-                  "target_wait_ms": 1000 * float(sums[1]) / self.dist.world_size,
-                  "train_ms": 1000 * (elapsed - wait), "tokens_per_s": tokens / max(elapsed, 1e-9)}
+                  "target_wait_ms": 1000 * float(sums[_WAIT]) / self.dist.world_size,
+                  "train_ms": 1000 * (elapsed - wait), "step_ms": 1000 * elapsed,
+                  "target_bytes": int(sums[_BYTES]), "tokens_per_s": tokens / max(elapsed, 1e-9)}
         return record
+
+    def _next_result(self, results: Iterator) -> tuple[dict[str, torch.Tensor], float]:
+        """The next target result and the seconds spent waiting for it.
+
+        With ``sync_timing`` on CUDA the device is synchronised before and after: the draft's queued
+        kernels then count as training, and a co-located target's kernels (launched, not yet run, when
+        its call returns) count as waiting. Costs a little overlap; meant for benchmarks.
+        """
+        if not self._sync_timing:
+            return next(results)
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        outputs, _ = next(results)
+        torch.cuda.synchronize(self.device)
+        return outputs, time.perf_counter() - t0
 
     def _forward(self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], denom: float,
                  salt: int, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +242,8 @@ class Trainer:
         return self.model.no_sync() if skip and self.dist.world_size > 1 else contextlib.nullcontext()
 
     def _step_metrics(self, sums: torch.Tensor, denom: float) -> dict[str, float]:
-        return {"loss": float(sums[0]), **self.algo.metrics(sums[2:].view(self.algo.stat_rows, 3).cpu(), denom)}
+        stats = sums[_STATS:].view(self.algo.stat_rows, 3).cpu()
+        return {"loss": float(sums[_LOSS]), **self.algo.metrics(stats, denom)}
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, Any]:
@@ -228,11 +252,11 @@ class Trainer:
         collated = [collate(self.ds, b, self.pad_id) for b in batches]
         requests = (TargetBatch(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in collated)
         denom = max(self.algo.denominator(self.eval_idx, EVAL_SALT), 1.0)
-        sums = torch.zeros(2 + 3 * self.algo.stat_rows, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(_STATS + 3 * self.algo.stat_rows, dtype=torch.float64, device=self.device)
         for i, (outputs, _) in enumerate(self.prefetcher.run(requests)):
             loss, stats = self._forward(collated[i], outputs, denom, EVAL_SALT, self.objective)
-            sums[0] += loss.double()
-            sums[2:] += stats.flatten()
+            sums[_LOSS] += loss.double()
+            sums[_STATS:] += stats.flatten()
         distributed.all_reduce_sum(sums, self.dist)
         record = {"kind": "eval", "step": step, **self._step_metrics(sums, denom)}
         self.metrics.write(record)

@@ -3,7 +3,8 @@
 ``metrics.jsonl`` has one JSON object per line; ``kind`` is ``train`` (one per optimizer step) or
 ``eval``. Train records carry ``step`` (1-based, completed steps), ``loss``, the algorithm's metrics
 (EAGLE3: ``loss_i``/``acc_i`` per TTT step; DFlash: ``loss_k``/``acc_k`` per block position and
-``accept_len``), ``lr``, ``grad_norm``, ``target_wait_ms``, ``train_ms`` and ``tokens_per_s``. Floats are
+``accept_len``), ``lr``, ``grad_norm``, ``target_wait_ms``, ``train_ms``, ``step_ms``, ``target_bytes`` (bytes
+of target outputs the step consumed, summed over ranks) and ``tokens_per_s``. Floats are
 written with Python's ``repr``, so two runs' losses compare bit for bit by reading the file.
 
 Guarantees: on resume from step ``k`` the records after ``k`` are dropped first, so a resumed run's file
