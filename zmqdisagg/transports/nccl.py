@@ -23,17 +23,16 @@ NCCL settings that matter (read once per process, when the first communicator is
 ``NCCL_P2P_DISABLE``/``NCCL_SHM_DISABLE`` force the network path; ``NCCL_IB_HCA``,
 ``NCCL_SOCKET_IFNAME``, ``NCCL_IB_GID_INDEX`` (RoCE), ``NCCL_NET_GDR_LEVEL`` and
 ``NCCL_NCHANNELS_PER_NET_PEER`` tune IB/RoCE; see ``docs/benchmarks/transfer.md``.
+
+Where the rest lives: ``nccl_transfer`` (a reply's ``Work`` handle with its deadline, and the worker
+thread), ``nccl_gloo`` (the CPU link) and ``native.nccl_comm`` (``NcclPair``, the GPU link).
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
-import secrets
-import socket
 import threading
 import time
-import queue
 from concurrent.futures import Future
 from typing import Any, Callable, Mapping, Sequence
 
@@ -41,80 +40,18 @@ import torch
 
 from zmqdisagg.errors import PeerTimeout, ProtocolMismatch, TransportUnavailable
 from zmqdisagg.native.nccl_comm import CLIENT_RANK, SERVER_RANK, NcclPair, nccl_missing
-from zmqdisagg.protocol.tensor_meta import TensorMeta, as_bytes, from_bytes, layout
+from zmqdisagg.protocol.tensor_meta import TensorMeta, from_bytes, layout
+from zmqdisagg.transports._closing import Closing
 from zmqdisagg.transports.base import Delivery, TransportContext
+from zmqdisagg.transports.nccl_gloo import JOIN_TIMEOUT_S, GlooLink, pack_cpu
+from zmqdisagg.transports.nccl_transfer import Transfer, Worker, run_into
 
 logger = logging.getLogger(__name__)
 
-JOIN_TIMEOUT_S = 60.0  # joining waits for the client's handshake, so it gets more than one transfer
 WATCHDOG_PERIOD_S = 0.05
 
 
-class _Transfer:
-    """One reply's send or receive in flight; implements ``Work``.
-
-    ``is_completed`` never raises: it is True once the bytes moved *or* the transfer failed, and then
-    ``error`` says which (None on success). ``wait`` raises the failure.
-    """
-
-    __slots__ = ("_owner", "_posted", "_done", "_deadline", "_what", "error", "_finished", "keep")
-
-    def __init__(self, owner: "NcclTransport", posted: Future, what: str) -> None:
-        self._owner, self._posted, self._what = owner, posted, what
-        self._done: Callable[[], bool] | None = None  # set by the poster: link-level completion check
-        self._deadline = time.monotonic() + owner.ctx.transfer_timeout_s
-        self.error: BaseException | None = None
-        self._finished = False
-        self.keep: Any = None  # tensors that must stay alive until the bytes have moved
-
-    def is_completed(self) -> bool:
-        try:
-            return self._poll()
-        except Exception:
-            return True  # failed; ``error`` holds why
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until done (spinning for 2 ms, then 0.2 ms sleeps); raise if the transfer failed."""
-        until = None if timeout is None else time.monotonic() + timeout
-        start = time.monotonic()
-        while not self._poll():
-            if until is not None and time.monotonic() > until:
-                raise PeerTimeout(f"{self._what} still running after {timeout:g}s")
-            if time.monotonic() - start > 0.002:
-                time.sleep(0.0002)
-
-    def _poll(self) -> bool:
-        if self._finished:
-            return True
-        if self.error is not None:
-            raise self.error
-        try:
-            if self._posted.done():
-                self._posted.result()  # re-raises a posting error
-                if self._done is not None and self._done():
-                    self._finished, self.keep = True, None
-                    self._owner._warm = True
-                    return True
-        except Exception as e:  # the link reported an error (gloo's own deadline reads "Timed out")
-            kind = PeerTimeout if any(w in str(e).lower() for w in ("timed out", "timeout")) else TransportUnavailable
-            self._fail(kind(f"{self._what} failed: {e}; the connection was aborted, close it and "
-                            "handshake again"))
-        if time.monotonic() > self._deadline:
-            self._fail(PeerTimeout(
-                f"{self._what} did not finish within {self._owner.ctx.transfer_timeout_s:g}s: the peer is "
-                "gone or not receiving; the communicator was aborted. Raise ZMQDISAGG_TRANSFER_TIMEOUT_S "
-                "if the link is just slow"))
-        return False
-
-    def _fail(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error
-            self.keep = None
-            self._owner._abort(str(error))
-        raise self.error
-
-
-class NcclTransport:
+class NcclTransport(Closing):
     """One side of one connection's communicator (NCCL for CUDA devices, gloo for the CPU)."""
 
     name = "nccl"
@@ -126,10 +63,10 @@ class NcclTransport:
         if self.backend == "nccl" and (why := nccl_missing()):
             raise TransportUnavailable(f"nccl transport on {ctx.device}: {why}")
         self._rank = SERVER_RANK if ctx.role == "server" else CLIENT_RANK
-        self._worker = _Worker(f"zmqdisagg-nccl-{ctx.connection_id[:12]}")
-        self._link: _GlooLink | NcclPair | None = None
+        self._worker = Worker(f"zmqdisagg-nccl-{ctx.connection_id[:12]}")
+        self._link: GlooLink | NcclPair | None = None
         self._joined: Future | None = None
-        self._inflight: list[_Transfer] = []
+        self._inflight: list[Transfer] = []
         self._lock = threading.Lock()
         self._broken: str | None = None
         self._warm = False  # after one completed transfer, posting no longer blocks (connections exist)
@@ -150,7 +87,7 @@ class NcclTransport:
     def offer(self) -> dict[str, Any]:
         """Server: create the rendezvous and start joining it on the worker thread."""
         self._require_role("server")
-        link = NcclPair(self.device) if self.backend == "nccl" else _GlooLink(self.ctx)
+        link = NcclPair(self.device) if self.backend == "nccl" else GlooLink(self.ctx)
         offer = {"backend": self.backend, **link.rendezvous()}
         self._link = link
         self._joined = self._worker.submit(link.join, SERVER_RANK, offer)
@@ -164,7 +101,7 @@ class NcclTransport:
             raise TransportUnavailable(
                 f"server's nccl transport runs {backend} but this client's tensors are on {self.ctx.device}; "
                 "put both sides on GPU (NCCL) or both on CPU (gloo), or pick another transport")
-        self._link = NcclPair(self.device) if backend == "nccl" else _GlooLink(self.ctx)
+        self._link = NcclPair(self.device) if backend == "nccl" else GlooLink(self.ctx)
         self._joined = self._worker.submit(self._link.join, CLIENT_RANK, dict(offer))
         try:
             self._joined.result(timeout=self.ctx.transfer_timeout_s)
@@ -184,7 +121,7 @@ class NcclTransport:
         if not any(m.nbytes for m in metas):
             return Delivery(note={}, metas=tuple(metas))  # nothing to move; the client posts nothing either
         if self.backend == "gloo":
-            staged, tag = _pack_cpu(srcs, metas), self._next_tag()
+            staged, tag = pack_cpu(srcs, metas), self._next_tag()
             return Delivery(note={"tag": tag}, metas=tuple(metas),
                             start=lambda: self._start(lambda link: link.send([staged], tag), staged))
         srcs = [t.contiguous() for t in srcs]
@@ -192,7 +129,7 @@ class NcclTransport:
         return Delivery(note={}, metas=tuple(metas),
                         start=lambda: self._start(lambda link: link.send(srcs, ready), srcs))
 
-    def _start(self, post: Callable[[Any], Callable[[], bool]], keep: Any) -> _Transfer:
+    def _start(self, post: Callable[[Any], Callable[[], bool]], keep: Any) -> Transfer:
         self._check_usable()
         nbytes = sum(t.numel() * t.element_size() for t in (keep if isinstance(keep, list) else [keep]))
         return self._post(post, keep, f"{self.backend} send of {nbytes} bytes to {self.ctx.connection_id}")
@@ -225,7 +162,7 @@ class NcclTransport:
         return {m.name: o for m, o in zip(metas, outs)}
 
     # -- both --------------------------------------------------------------------------------------
-    def _post(self, post: Callable[[Any], Callable[[], bool]], keep: Any, what: str) -> _Transfer:
+    def _post(self, post: Callable[[Any], Callable[[], bool]], keep: Any, what: str) -> Transfer:
         link, joined = self._link, self._joined
         if link is None or joined is None:
             raise TransportUnavailable("nccl transport used before offer/accept")
@@ -234,10 +171,10 @@ class NcclTransport:
             joined.result()  # the communicator must exist first (server: the client has joined)
             transfer._done = post(link)
 
-        transfer = _Transfer(self, Future(), what)
+        transfer = Transfer(self, Future(), what)
         transfer.keep = keep
         if self._warm and self.backend == "nccl" and joined.done():
-            _run_into(transfer._posted, run)  # enqueue only: returns at once
+            run_into(transfer._posted, run)  # enqueue only: returns at once
         else:
             transfer._posted = self._worker.submit(run)
         with self._lock:
@@ -293,55 +230,6 @@ class NcclTransport:
             self._link.close(abort=busy or self._broken is not None)
         self._worker.stop()
 
-    def __enter__(self) -> "NcclTransport":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-class _Worker:
-    """One daemon thread running jobs in order: joins and first sends, which may block on the peer.
-
-    A daemon, so a join whose peer never comes (a client that died between hello and accept) can
-    never keep the process from exiting.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._loop, name=name, daemon=True).start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        fut: Future = Future()
-        self._jobs.put((fut, fn, args))
-        return fut
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fut, fn, args = job
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(*args))
-                except BaseException as e:
-                    fut.set_exception(e)
-
-
-def _run_into(fut: Future, fn: Callable[[], None]) -> None:
-    try:
-        fn()
-        fut.set_result(None)
-    except BaseException as e:  # surfaced by _Transfer.is_completed
-        fut.set_exception(e)
-
 
 def _record(device: torch.device) -> torch.cuda.Event:
     """An event on ``device``'s current stream: the communicator stream waits for it."""
@@ -350,94 +238,4 @@ def _record(device: torch.device) -> torch.cuda.Event:
     return ev
 
 
-def _pack_cpu(tensors: Sequence[torch.Tensor], metas: Sequence[TensorMeta]) -> torch.Tensor:
-    total = max((m.offset + m.nbytes for m in metas), default=0)
-    buf = torch.empty(total, dtype=torch.uint8)
-    for t, m in zip(tensors, metas):
-        buf[m.offset:m.offset + m.nbytes].copy_(as_bytes(t.cpu()))
-    return buf
-
-
-class _GlooLink:
-    """A private ``ProcessGroupGloo`` of two ranks over a ``TCPStore`` that the server side owns."""
-
-    def __init__(self, ctx: TransportContext) -> None:
-        self.ctx = ctx
-        self.timeout = datetime.timedelta(seconds=ctx.transfer_timeout_s)  # per send/receive
-        self.join_timeout = datetime.timedelta(seconds=max(JOIN_TIMEOUT_S, ctx.transfer_timeout_s))
-        self.store: Any = None
-        self.pg: Any = None
-        self._aborted = False
-
-    def rendezvous(self) -> dict[str, Any]:
-        from torch.distributed import TCPStore
-
-        self.store = TCPStore("0.0.0.0", 0, None, True, timeout=self.join_timeout, wait_for_workers=False)
-        addr = _host_address()
-        hosts = [addr] + (["127.0.0.1"] if addr != "127.0.0.1" else [])
-        return {"hosts": hosts, "port": int(self.store.port), "prefix": f"zmqdisagg/{secrets.token_hex(8)}/"}
-
-    def join(self, rank: int, offer: Mapping[str, Any]) -> None:
-        from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
-
-        if rank == SERVER_RANK:
-            local = _host_address()
-        else:
-            host, local = _reachable(offer["hosts"], int(offer["port"]), self.ctx.transfer_timeout_s)
-            self.store = TCPStore(host, int(offer["port"]), None, False, timeout=self.join_timeout)
-        opts = ProcessGroupGloo._Options()
-        opts._devices = [ProcessGroupGloo.create_device(hostname=local)]
-        opts._timeout = self.join_timeout
-        pg = ProcessGroupGloo(PrefixStore(str(offer["prefix"]), self.store), rank, 2, opts)
-        if self._aborted:
-            raise TransportUnavailable("connection closed while joining")
-        self.pg = pg
-
-    # Gloo point-to-point work completes only inside ``wait()``, so these run on the worker thread and
-    # return once the bytes have moved (or gloo's own timeout, the transfer deadline, has passed).
-    def send(self, tensors: Sequence[torch.Tensor], tag: int) -> Callable[[], bool]:
-        self.pg.send(list(tensors), CLIENT_RANK, tag).wait(self.timeout)
-        return _true
-
-    def recv(self, tensors: Sequence[torch.Tensor], tag: int) -> Callable[[], bool]:
-        self.pg.recv(list(tensors), SERVER_RANK, tag).wait(self.timeout)
-        return _true
-
-    def abort(self) -> None:
-        self._aborted = True
-        pg, self.pg = self.pg, None
-        if pg is not None:
-            try:
-                pg.abort()
-            except Exception as e:  # older torch: dropping the group closes its sockets
-                logger.debug("gloo abort: %s", e)
-
-    def close(self, abort: bool) -> None:
-        if abort:
-            self.abort()
-        self.pg = None
-        self.store = None
-
-
-def _true() -> bool:
-    return True
-
-
-def _host_address() -> str:
-    """This host's address as peers see it (hostname lookup), else loopback."""
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
-
-
-def _reachable(hosts: Sequence[str], port: int, timeout: float) -> tuple[str, str]:
-    """First of ``hosts`` that accepts a TCP connection on ``port``, and our address toward it."""
-    errors = []
-    for host in hosts:
-        try:
-            with socket.create_connection((host, port), timeout=min(timeout, 5.0)) as s:
-                return host, s.getsockname()[0]
-        except OSError as e:
-            errors.append(f"{host}:{port} ({e})")
-    raise TransportUnavailable(f"cannot reach the server's gloo rendezvous at {', '.join(errors)}")
+__all__ = ["JOIN_TIMEOUT_S", "NcclTransport", "WATCHDOG_PERIOD_S"]
