@@ -97,6 +97,8 @@ class ClientConfig:
     connect_timeout_s: float = 30.0  # handshake deadline per server
     transfer_timeout_s: float = field(default_factory=lambda: envs.ZMQDISAGG_TRANSFER_TIMEOUT_S)  # one transfer
     max_lanes: int = 8  # most requests in flight per server
+    revive_s: float = field(default_factory=lambda: envs.ZMQDISAGG_REVIVE_S)  # re-probe a dead server (0: never)
+    min_servers: int = field(default_factory=lambda: envs.ZMQDISAGG_MIN_SERVERS)  # servers that must answer at start
     curve_server_key: str | None = None  # the server's public NAME.key file (enables CURVE)
     curve_client_key: str | None = None  # this client's NAME.key_secret file
 
@@ -109,5 +111,12 @@ class ClientConfig:
                 f"request_timeout_s={self.request_timeout_s}")
         if self.max_lanes < 1:
             raise ConfigError(f"max_lanes={self.max_lanes} must be at least 1")
+        if self.connect_timeout_s <= 0:
+            raise ConfigError(f"connect_timeout_s={self.connect_timeout_s} must be positive")
+        if self.revive_s < 0:
+            raise ConfigError(f"revive_s={self.revive_s} must be 0 (never re-admit a dead server) or positive "
+                              "(ZMQDISAGG_REVIVE_S)")
+        if self.min_servers < 1:
+            raise ConfigError(f"min_servers={self.min_servers} must be at least 1 (ZMQDISAGG_MIN_SERVERS)")
         if bool(self.curve_server_key) != bool(self.curve_client_key):
             raise ConfigError("curve_server_key and curve_client_key go together; pass both or neither")

@@ -29,6 +29,10 @@ _VARS: dict[str, Callable[[], Any]] = {
     "ZMQDISAGG_ATTEMPT_TIMEOUT_S": _float("ZMQDISAGG_ATTEMPT_TIMEOUT_S", 60.0),
     # Seconds a client keeps retrying one request before raising PeerTimeout.
     "ZMQDISAGG_REQUEST_TIMEOUT_S": _float("ZMQDISAGG_REQUEST_TIMEOUT_S", 180.0),
+    # Seconds between probes of a server a client marked dead, to re-admit it once it answers (0: never).
+    "ZMQDISAGG_REVIVE_S": _float("ZMQDISAGG_REVIVE_S", 30.0),
+    # Fewest --servers that must answer when a RemoteTarget starts; the rest start dead and are probed.
+    "ZMQDISAGG_MIN_SERVERS": _int("ZMQDISAGG_MIN_SERVERS", 1),
     # Seconds without any message after which the server reclaims a client's slots and state.
     "ZMQDISAGG_LEASE_S": _float("ZMQDISAGG_LEASE_S", 60.0),
     # Directory for POSIX shared-memory segments of the shm transport.
