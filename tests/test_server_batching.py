@@ -62,8 +62,10 @@ def batched():
 def _together(pid: int, calls: list[Callable[[], Any]]) -> list[Any]:
     """Start every call while the server is stopped, so that all its requests queue up; then resume it."""
     results: list[Any] = [None] * len(calls)
+    entered = threading.Semaphore(0)
 
     def run(i: int) -> None:
+        entered.release()
         try:
             results[i] = calls[i]()
         except BaseException as e:  # returned, and checked by the test
@@ -74,7 +76,9 @@ def _together(pid: int, calls: list[Callable[[], Any]]) -> list[Any]:
     try:
         for t in threads:
             t.start()
-        time.sleep(1.0)  # every thread has sent by now; the stopped server has read nothing
+        for _ in threads:  # every call has begun...
+            entered.acquire(timeout=30)
+        time.sleep(1.5)  # ...and has sent by now, on 2 busy cores too; the stopped server has read nothing
     finally:
         os.kill(pid, signal.SIGCONT)
     for t in threads:
