@@ -39,6 +39,7 @@ from zmqdisagg.client.remote import RemoteTarget  # noqa: E402
 from zmqdisagg.config import ClientConfig  # noqa: E402
 from zmqdisagg.server.spawn import spawn_server  # noqa: E402
 from zmqdisagg.target.types import TargetBatch  # noqa: E402
+from bench._speed_machine import cpu_name  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -112,14 +113,6 @@ def run_cell(address: str, clients: int, seq: int, args: argparse.Namespace, voc
             "p50_ms": round(1000 * statistics.median(latencies), 2) if latencies else None,
             "requests_per_forward": round(served / forwards, 2) if forwards else None,
             "busy_fraction": after["busy_fraction"], "padding_fraction": after["padding_fraction"]}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
