@@ -14,7 +14,7 @@ import json
 import multiprocessing as mp
 import traceback
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -68,12 +68,12 @@ def _peer_main(conn: Any) -> None:
 
 
 class Peer:
-    """A spawned client process driving one side of a transport."""
+    """A spawned client process driving one side of a transport; ``main`` serves its commands."""
 
-    def __init__(self) -> None:
+    def __init__(self, main: Callable[[Any], None] | None = None) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_peer_main, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=main or _peer_main, args=(child,), daemon=True)
         self.proc.start()
 
     def call(self, *cmd: Any, timeout: float = 120.0) -> Any:

@@ -120,3 +120,7 @@ class ClientConfig:
             raise ConfigError(f"min_servers={self.min_servers} must be at least 1 (ZMQDISAGG_MIN_SERVERS)")
         if bool(self.curve_server_key) != bool(self.curve_client_key):
             raise ConfigError("curve_server_key and curve_client_key go together; pass both or neither")
+
+    def curve(self) -> tuple[str, str] | None:
+        """(server public key file, client secret key file) when CURVE is on, else None."""
+        return (self.curve_server_key, self.curve_client_key) if self.curve_server_key else None

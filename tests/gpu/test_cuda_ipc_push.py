@@ -21,7 +21,7 @@ import torch
 
 from zmqdisagg.errors import TransportUnavailable
 
-from test_transport_conformance import _mixed, digest
+from test_transport_conformance import Peer as ConformancePeer, _mixed, digest
 from zmqdisagg import transports
 from zmqdisagg.protocol.tensor_meta import TensorMeta
 from zmqdisagg.transports.base import TransportContext
@@ -75,32 +75,11 @@ def _peer_main(conn: Any) -> None:
             conn.send(("err", (type(e).__name__, str(e), traceback.format_exc())))
 
 
-class Peer:
+class Peer(ConformancePeer):
+    """The conformance tests' peer process, serving the push commands above."""
+
     def __init__(self) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_peer_main, args=(child,), daemon=True)
-        self.proc.start()
-
-    def call(self, *cmd: Any, timeout: float = 120.0) -> Any:
-        self.conn.send(cmd)
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"peer did not answer {cmd[0]} within {timeout}s")
-        status, value = self.conn.recv()
-        if status == "err":
-            raise RuntimeError(f"peer {cmd[0]} failed: {value[0]}: {value[1]}\n{value[2]}")
-        return value
-
-    def stop(self) -> None:
-        if self.proc.is_alive():
-            try:
-                self.conn.send(("stop",))
-            except (BrokenPipeError, OSError):
-                pass
-            self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(10)
+        super().__init__(_peer_main)
 
 
 class PushLink:

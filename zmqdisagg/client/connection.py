@@ -177,7 +177,7 @@ class ServerConnection:
                 lane = Lane(self._ctx, self.address, len(self._lanes),
                             attempt_timeout_s=self.config.attempt_timeout_s,
                             request_timeout_s=self.config.request_timeout_s,
-                            curve=self._curve())
+                            curve=self.config.curve())
                 self._lanes.append(lane)
                 self._idle.append(lane)
             self.in_flight += 1
@@ -186,10 +186,6 @@ class ServerConnection:
                 releases = tuple(self._releases)
                 self._releases.clear()
             return self._idle.pop(), next(self._rids), releases
-
-    def _curve(self) -> tuple[str, str] | None:
-        c = self.config
-        return (c.curve_server_key, c.curve_client_key) if c.curve_server_key and c.curve_client_key else None
 
     def _give_lane(self, lane: Lane) -> None:
         with self._free:

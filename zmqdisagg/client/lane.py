@@ -25,6 +25,21 @@ from zmqdisagg.security import apply_client
 logger = logging.getLogger(__name__)
 
 
+def open_req(ctx: zmq.Context, address: str, curve: tuple[str, str] | None, *, send_timeout_ms: int = -1) -> zmq.Socket:
+    """A REQ socket to ``address`` (no linger; CURVE when ``curve`` names the key files), connected."""
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+    try:
+        if curve:
+            apply_client(sock, *curve)
+        sock.connect(address)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
 class Lane:
     """One in-flight request at a time to ``address``; not thread-safe (one user at a time)."""
 
@@ -42,17 +57,8 @@ class Lane:
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            sock = self._ctx.socket(zmq.REQ)
-            sock.setsockopt(zmq.LINGER, 0)
-            try:
-                if self._curve:
-                    apply_client(sock, *self._curve)
-                sock.connect(self.address)
-            except BaseException:
-                sock.close(linger=0)
-                raise
-            self._sock = sock
-            self._poller.register(sock, zmq.POLLIN)
+            self._sock = open_req(self._ctx, self.address, self._curve)
+            self._poller.register(self._sock, zmq.POLLIN)
         return self._sock
 
     def _reset(self) -> None:

@@ -34,12 +34,12 @@ import torch
 import zmq
 
 from zmqdisagg.client.connection import ServerConnection
+from zmqdisagg.client.lane import open_req
 from zmqdisagg.config import ClientConfig
 from zmqdisagg.errors import ConfigError, PeerTimeout, TransportUnavailable
 from zmqdisagg.protocol import codec
 from zmqdisagg.protocol import messages as m
 from zmqdisagg.protocol.messages import Header
-from zmqdisagg.security import apply_client
 from zmqdisagg.target.types import ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -137,16 +137,9 @@ class Reviver:
     # -- probes (under self._lock) -----------------------------------------------------------------
     def _send(self, address: str, now: float) -> None:
         self._drop(address)
-        sock = self._ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDTIMEO, 0)  # never wait here: we hold the lock on the routing path
-        self._probes[address] = sock
         self._due[address] = now + self.config.revive_s
-        try:
-            c = self.config
-            if c.curve_server_key and c.curve_client_key:
-                apply_client(sock, c.curve_server_key, c.curve_client_key)
-            sock.connect(address)
+        try:  # send timeout 0: never wait here, we hold the lock on the routing path
+            sock = self._probes[address] = open_req(self._ctx, address, self.config.curve(), send_timeout_ms=0)
             codec.send(sock, Header(op=m.INFO, client_id=f"probe-{uuid.uuid4().hex}"))
         except zmq.ZMQError as e:  # ZeroMQ queues it even while the server is down; this is unexpected
             logger.debug("probe of %s could not be sent: %s", address, e)
